@@ -43,7 +43,7 @@ __all__ = ['QRANGE', 'QBOUNDS', 'QParams', 'EPS_RANGE', 'dtype_for_range', 'scal
            'dynamic_range_f', 'dequantize_f', 'dequantize_acc_f', 'requantize_f',
            'bias_to_int32_f', 'round_half_even_f',
            'inv_scale_np', 'weight_inv_scale_np', 'requantize_multiplier_np', 'quantize_np',
-           'dequantize_np', 'requantize_np', 'conv_int_np', 'dense_int_np', 'sqnr_db']
+           'dequantize_np', 'requantize_np', 'conv_int_np', 'conv_np', 'dense_int_np', 'sqnr_db']
 
 #: Largest integer magnitude of each quantized dtype (the symmetric ranges used everywhere).
 QRANGE = {'int8': 127, 'uint8': 255}
@@ -413,17 +413,23 @@ def conv_int_np(qx, qw, stride=1, pad=0, dilate=1, groups=1):
     ``qx``: (N, C, *spatial) integers, ``qw``: (O, C // groups, *kernel) integers.
     Zero padding is the integer 0 (a real 0 in gluonq's symmetric scheme).
     """
-    nd = qx.ndim - 2
+    return conv_np(qx, qw, stride, pad, dilate, groups, np.int64)
+
+
+def conv_np(x, w, stride=1, pad=0, dilate=1, groups=1, dtype=np.float64):
+    """N-d convolution (cross-correlation) of ``x`` (N, C, *spatial) with ``w``
+    (O, C // groups, *kernel), accumulated in ``dtype``; zero padding."""
+    nd = x.ndim - 2
     stride, pad, dilate = [(v,) * nd if np.isscalar(v) else tuple(v) for v in (stride, pad, dilate)]
-    x = np.pad(qx.astype(np.int64), [(0, 0), (0, 0)] + [(p, p) for p in pad])
-    w = qw.astype(np.int64)
+    x = np.pad(x.astype(dtype), [(0, 0), (0, 0)] + [(p, p) for p in pad])
+    w = w.astype(dtype)
     n, c = x.shape[:2]
     o, cg = w.shape[:2]
     kernel = w.shape[2:]
     out_sp = [(x.shape[2 + i] - dilate[i] * (kernel[i] - 1) - 1) // stride[i] + 1
               for i in range(nd)]
     og = o // groups
-    out = np.zeros((n, o) + tuple(out_sp), dtype=np.int64)
+    out = np.zeros((n, o) + tuple(out_sp), dtype=dtype)
     for g in range(groups):
         xg = x[:, g * cg:(g + 1) * cg]
         wg = w[g * og:(g + 1) * og]
@@ -442,7 +448,7 @@ def dense_int_np(qx, qw, flatten=True):
     x = qx.astype(np.int64)
     if flatten:
         x = x.reshape(x.shape[0], -1)
-    return x @ qw.astype(np.int64).T
+    return np.matmul(x, qw.astype(np.int64).T)
 
 
 def sqnr_db(reference, test):

@@ -206,10 +206,11 @@ class QuantizedLayer(QuantizedBlock):
     in_range : (float, float) or None
         Calibrated real range of the input. None: dynamic mode, the range of each float
         input is computed at run time (``min``/``max`` of the tensor).
-    out_dtype : {'float32', 'auto', 'uint8', 'int8'}
-        'float32' (default) returns real values computed from the int32 accumulator;
-        otherwise the layer requantizes and returns a :class:`QTensor`. 'auto' is uint8 when
-        the output range has min >= 0 or the activation is relu.
+    out_dtype : {None, 'float32', 'auto', 'uint8', 'int8'}
+        'float32' returns real values computed from the int32 accumulator; otherwise the
+        layer requantizes and returns a :class:`QTensor`. 'auto' is uint8 when the output
+        range has min >= 0 or the activation is relu. None (default): 'auto' when
+        ``out_range`` is given, else 'float32'.
     out_range : (float, float) or None
         Calibrated real range of the output (needed for int8/uint8 output; None means
         dynamic: the range of each output is computed at run time).
@@ -221,13 +222,15 @@ class QuantizedLayer(QuantizedBlock):
     """
 
     def __init__(self, units, use_bias, activation, in_dtype='auto', in_range=None,
-                 out_dtype='float32', out_range=None, per_channel=True, residual=False,
+                 out_dtype=None, out_range=None, per_channel=True, residual=False,
                  **kwargs):
         super().__init__(**kwargs)
         self._units = units
         self._use_bias = use_bias
         self._per_channel = bool(per_channel)
         self._residual = bool(residual)
+        if out_dtype is None:
+            out_dtype = 'float32' if out_range is None else 'auto'
         if activation not in (None, 'relu') and out_dtype != 'float32':
             raise ValueError('%s: activation %r can only run on float output; with int8 '
                              "output only 'relu' is fused" % (type(self).__name__, activation))

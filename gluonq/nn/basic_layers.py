@@ -83,9 +83,9 @@ class QuantizedDense(QuantizedLayer):
         if not isinstance(dense, mx.gluon.nn.Dense):
             raise TypeError('QuantizedDense.from_float needs an nn.Dense, got %s'
                             % type(dense).__name__)
-        act = dense.act._act_type if dense.act is not None else None
+        kwargs.setdefault('activation', dense.act._act_type if dense.act is not None else None)
         weight = dense.weight.data().asnumpy()
-        layer = cls(dense._units, activation=act, use_bias=dense.bias is not None,
+        layer = cls(dense._units, use_bias=dense.bias is not None,
                     flatten=dense._flatten, in_units=weight.shape[1], in_range=in_range,
                     out_range=out_range, **kwargs)
         layer.initialize(ctx=dense.weight.list_ctx())

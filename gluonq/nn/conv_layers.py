@@ -108,10 +108,10 @@ class _QuantizedConv(QuantizedLayer):
                             % (cls.__name__, nd, type(conv).__name__))
         k = conv._kwargs
         weight = conv.weight.data().asnumpy()
-        act = conv.act._act_type if conv.act is not None else None
+        kwargs.setdefault('activation', conv.act._act_type if conv.act is not None else None)
         layer = cls(k['num_filter'], k['kernel'], strides=k['stride'], padding=k['pad'],
                     dilation=k['dilate'], groups=k['num_group'], layout=k['layout'],
-                    in_channels=weight.shape[1] * k['num_group'], activation=act,
+                    in_channels=weight.shape[1] * k['num_group'],
                     use_bias=conv.bias is not None, in_range=in_range, out_range=out_range,
                     **kwargs)
         layer.initialize(ctx=conv.weight.list_ctx())
