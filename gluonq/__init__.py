@@ -1,2 +1,12 @@
-"""gluonq: real int8 inference for MXNet Gluon networks."""
+"""gluonq: real int8 inference for MXNet Gluon networks.
+
+* :mod:`gluonq.nn` -- quantized blocks with int8 parameters (QuantizedDense, QuantizedConv2D, ...)
+* :func:`quantize_net` -- calibrate and convert a float network
+* :func:`save_quantized` / :func:`load_quantized` -- int8 checkpoints
+* :mod:`gluonq.debug` -- layer-by-layer comparison with the float network
+"""
 __version__ = '0.1.0'
+
+from . import init, nn, quant                       # noqa: E402
+from .convert import QuantizedNet, quantize_net     # noqa: E402
+from .export import export_compact, load_quantized, save_quantized  # noqa: E402

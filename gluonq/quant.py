@@ -183,13 +183,9 @@ def quantize_weight(w, per_channel=True, axis=0):
     wc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
     max_abs = np.max(np.abs(wc), axis=1) if wc.size else np.zeros(wc.shape[0])
     scale = scale_from_max(max_abs, 'int8')
-    q = np.empty(wc.shape, np.int8)
-    for c in range(wc.shape[0]):
-        s_c = scale[c]
-        if per_channel:
-            s_c = _fused_exact_scale(wc[c], s_c)
-        scale[c] = s_c
-        q[c] = _quantize_slice(wc[c], s_c)
+    if per_channel:
+        scale = _fused_exact_scales(wc, scale)
+    q = _quantize_rows(wc, scale)
     if per_channel:
         q = np.moveaxis(q.reshape((w.shape[axis],) + tuple(np.delete(w.shape, axis))), 0, axis)
     else:
@@ -197,14 +193,9 @@ def quantize_weight(w, per_channel=True, axis=0):
     return q, scale.astype(np.float32)
 
 
-def _quantize_slice(w, s):
-    q = _round_half_away(w.astype(np.float64) / np.float64(s))
+def _quantize_rows(wc, scale):
+    q = _round_half_away(wc.astype(np.float64) / scale.astype(np.float64)[:, None])
     return np.clip(q, -127, 127).astype(np.int8)
-
-
-def _fused_rederive(img, inv):
-    """oneDNN's re-quantization of float weight images: ``sat(rne(f32(img * inv)))``."""
-    return np.clip(np.rint((img * inv).astype(np.float32)), -128, 127)
 
 
 _GOOD_MANTISSAS = None
@@ -214,50 +205,61 @@ def _good_mantissas():
     """Mantissa bits of the float32 ``m`` for which ``f32(m * f32(127.5 / m)) < 127.5``.
 
     For such ``m``, oneDNN maps a weight image ``-m`` to -127 (not -128). The property only
-    depends on the mantissa (scaling by 2 cancels), about 0.4% of mantissas have it.
+    depends on the mantissa (scaling by 2 cancels); about 0.4% of mantissas have it.
     """
     global _GOOD_MANTISSAS
     if _GOOD_MANTISSAS is None:
         bits = np.arange(2 ** 23, dtype=np.uint32)
         m = (bits | np.uint32(0x3F800000)).view(np.float32)
         inv = (np.float32(127.5) / m).astype(np.float32)
-        _GOOD_MANTISSAS = bits[(m * inv).astype(np.float32) < np.float32(127.5)]
+        _GOOD_MANTISSAS = bits[(m * inv).astype(np.float32) < np.float32(127.5)].astype(np.int64)
     return _GOOD_MANTISSAS
 
 
-def _fused_exact_scale(w, s0):
-    """The float32 scale near ``s0`` whose weights re-derive exactly in oneDNN (see
-    :func:`fused_weight_image`). A channel whose largest-magnitude weight is negative needs
-    ``m = 127.5 * s`` from a small set of float32 values; the nearest one within 0.3% of
-    ``s0`` is taken (the largest weight still maps to -127)."""
-    s0 = np.float32(s0)
-    q0 = _quantize_slice(w, s0)
-    if not q0.any() or (q0 == 127).any():
-        return s0
-    m0 = np.float32(np.float32(127.5) * s0)
+def _fused_rederive_ok(wc, scale):
+    """Per row: do the fused kernel's re-derived integers equal ours at this scale?"""
+    q = _quantize_rows(wc, scale)
+    img = fused_weight_image(q, scale)
+    inv = weight_inv_scale_np(scale)
+    back = np.clip(np.rint((img * inv[:, None]).astype(np.float32)), -128, 127)
+    return np.all(back == q, axis=1)
+
+
+def _fused_exact_scales(wc, s0):
+    """Per-channel float32 scales near ``s0`` whose weights re-derive exactly in oneDNN.
+
+    A channel whose largest-magnitude weight is negative (no +127) needs
+    ``m = f32(127.5 * s)`` from a small set of float32 values: the nearest one within 0.3%
+    of ``s0`` is taken (its largest weight still maps to -127).
+    """
+    scale = s0.astype(np.float32).copy()
+    todo = np.flatnonzero(~_fused_rederive_ok(wc, scale))
+    if todo.size == 0:
+        return scale
     good = _good_mantissas()
-    mant = np.int64(m0.view(np.uint32) & np.uint32(0x7FFFFF))
-    expo = np.uint32(m0.view(np.uint32) & np.uint32(0xFF800000))
-    i = int(np.searchsorted(good, mant))
-    order = sorted(range(max(0, i - 8), min(len(good), i + 8)),
-                   key=lambda j: abs(int(good[j]) - int(mant)))
-    for j in order:
-        m = np.uint32(expo | good[j]).view(np.float32)
-        if abs(float(m) / float(m0) - 1.0) > 3e-3:
-            continue
-        s = np.float32(m / np.float32(127.5))
-        for _ in range(4):                       # make 127.5 * s round to m exactly
-            t = np.float32(np.float32(127.5) * s)
-            if t == m:
-                break
-            s = np.nextafter(s, np.float32(np.inf) if t < m else np.float32(0))
-        if np.float32(np.float32(127.5) * s) != m:
-            continue
-        q = _quantize_slice(w, s)
-        img = fused_weight_image(q.reshape(1, -1), np.array([s], np.float32))[0]
-        if np.array_equal(_fused_rederive(img, weight_inv_scale_np(s)), q.astype(np.float64)):
-            return s
-    return s0
+    m0 = (np.float32(127.5) * scale[todo]).astype(np.float32)
+    bits = m0.view(np.uint32).astype(np.int64)
+    mant, expo = bits & 0x7FFFFF, bits & ~0x7FFFFF
+    idx = np.searchsorted(good, mant)
+    for rank in range(16):                  # nearest good mantissas first, both sides
+        if todo.size == 0:
+            break
+        off = (rank + 1) // 2 * (1 if rank % 2 else -1)
+        j = np.clip(idx + off, 0, len(good) - 1)
+        m = (expo | good[j]).astype(np.uint32).view(np.float32)
+        cand = (m / np.float32(127.5)).astype(np.float32)
+        for _ in range(3):                  # make f32(127.5 * cand) == m exactly
+            t = (np.float32(127.5) * cand).astype(np.float32)
+            cand = np.where(t < m, np.nextafter(cand, np.float32(np.inf)),
+                            np.where(t > m, np.nextafter(cand, np.float32(0)), cand))
+        close = np.abs(cand / scale[todo] - 1) <= 3e-3
+        trial = scale.copy()
+        trial[todo] = np.where(close, cand, scale[todo])
+        ok = close & _fused_rederive_ok(wc[todo], trial[todo])
+        scale[todo[ok]] = trial[todo[ok]]
+        keep = ~ok
+        todo, idx, expo = todo[keep], idx[keep], expo[keep]
+    return scale
 
 
 def fused_weight_image(q, scale, axis=0):

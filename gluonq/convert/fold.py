@@ -19,6 +19,7 @@ def remove_identities(graph):
     for node in graph.op_nodes():
         if node.op in IDENTITY_OPS and len(node.inputs) >= 1:
             graph.replace_uses((node.name, 0), node.inputs[0])
+            graph.notes[node.name] = '%s is the identity at inference: removed' % node.op
     graph.remove_unused()
     return graph
 
@@ -84,6 +85,7 @@ def fold_batchnorm(graph):
             b = graph.params[bname].astype(np.float64)
             graph.params[bname] = (b * alpha + shift).astype(np.float32)
         graph.replace_uses((bn.name, 0), (producer.name, 0))
+        graph.notes[bn.name] = 'BatchNorm folded into %s' % producer.name
         users = graph.consumers()
     graph.remove_unused()
     return graph
@@ -111,6 +113,7 @@ def batchnorm_to_conv(graph):
                     [bn.inputs[0], (wname, 0), (bname, 0)])
         conv.shapes = [shape]
         graph.nodes[bn.name] = conv
+        graph.notes[bn.name] = 'BatchNorm without a preceding conv, run as a depthwise 1x1 conv'
     graph.remove_unused()
     return graph
 

@@ -72,6 +72,8 @@ class Graph:
         self.inputs = list(inputs)
         self.outputs = [tuple(e) for e in outputs]
         self.params = dict(params)
+        #: what graph passes did to nodes that are gone: {node name: sentence}
+        self.notes = {}
 
     # -- construction ---------------------------------------------------------------------
     @classmethod

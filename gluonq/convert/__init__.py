@@ -1,0 +1,3 @@
+"""Float network -> int8 network: tracing, BatchNorm folding, planning and building."""
+from .convert import quantize_net, trace_and_fold
+from .qnet import FloatOp, QuantizedNet

@@ -1,0 +1,295 @@
+"""``quantize_net``: a float Gluon network and calibration data in, a QuantizedNet out.
+
+trace -> fold BatchNorm -> plan (what runs in int8) -> observe the float tensors on the
+calibration data -> quantization parameters -> build the QuantizedNet from gluonq's blocks.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import mxnet as mx
+import numpy as np
+
+from .. import __version__, quant
+from ..calibration.collect import as_batches, collect
+from ..calibration.observers import make_observer
+from .fold import conv_geometry, prepare
+from .graph import edge_key, parse_tuple, trace
+from .plan import make_plan
+from .qnet import QuantizedNet
+
+__all__ = ['quantize_net', 'trace_and_fold']
+
+log = logging.getLogger('gluonq')
+_SAFE = re.compile(r'[^0-9A-Za-z_]')
+
+
+def _step_name(node_name, used):
+    name = _SAFE.sub('_', node_name[:-4] if node_name.endswith('_fwd') else node_name)
+    base, k = name, 1
+    while name in used:
+        k += 1
+        name = '%s_%d' % (base, k)
+    used.add(name)
+    return name
+
+
+def trace_and_fold(net, input_shape):
+    """The folded float graph of ``net`` for inputs of ``input_shape``."""
+    graph = trace(net, [tuple(input_shape)])
+    prepare(graph)
+    graph.infer_shapes({graph.inputs[0]: tuple(input_shape)})
+    return graph
+
+
+def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
+                 num_calib_examples=None, per_channel=True, act_dtype='auto', exclude=None,
+                 batch_size=32, calib_options=None, progress=True):
+    """Quantize a float Gluon network to int8 with calibration data.
+
+    Parameters
+    ----------
+    net : HybridBlock
+        The trained float network (gluoncv model, hand-written HybridBlock, SymbolBlock).
+    calib_data : DataLoader, iterable of arrays or (data, label) tuples, or numpy array
+        Real inputs for calibration.
+    calib_mode : {'naive', 'percentile', 'entropy', 'mse', 'moving_average'} or Observer class
+        How activation ranges are chosen (see :mod:`gluonq.calibration.observers`).
+    num_calib_batches, num_calib_examples : int, optional
+        Limits on the calibration data used.
+    per_channel : bool
+        Per-output-channel weight scales (default) or one scale per tensor.
+    act_dtype : {'auto', 'int8', 'uint8'}
+        Activation dtype: 'auto' is uint8 where the calibrated minimum is >= 0.
+    exclude : list of str, optional
+        Node names or glob patterns (e.g. ``'*conv0*'``, ``'*dense*'``) that stay float.
+    calib_options : dict, optional
+        Extra keyword arguments for the observers (e.g. ``{'percentile': 99.9}``).
+
+    Returns
+    -------
+    QuantizedNet
+        A HybridBlock built from gluonq's int8 blocks; ``.report`` says what each op became.
+    """
+    if act_dtype not in ('auto', 'int8', 'uint8'):
+        raise ValueError("act_dtype must be 'auto', 'int8' or 'uint8', got %r" % (act_dtype,))
+    exclude = list(exclude or [])
+    batches = as_batches(calib_data, num_calib_batches, num_calib_examples, batch_size)
+    graph = trace_and_fold(net, (1,) + batches[0].shape[1:])
+    units = make_plan(graph, exclude)
+    if exclude:
+        names = [n.name for n in graph.nodes.values()] + list(graph.notes)
+        from .plan import _matches
+        unknown = [p for p in exclude if not any(_matches(n, [p]) for n in names)]
+        if unknown:
+            raise ValueError('exclude: no layer matches %s; layer names look like %s'
+                             % (unknown, [n.name for n in graph.op_nodes()][:5]))
+    # tensors to observe: outputs of int8 units that produce their own range, and float
+    # tensors that an int8 unit reads (they get a Quantize step)
+    producer = {u.output: u for u in units}
+    observed = []
+    for u in units:
+        if u.is_int8 and u.kind in ('conv', 'dense', 'add', 'concat'):
+            if u.out_q:
+                observed.append(u.output)
+        for e, q in zip(u.inputs, u.in_q):
+            if q and not (e in producer and producer[e].is_int8) and e not in observed:
+                observed.append(e)
+    opts = dict(calib_options or {})
+    observers = [make_observer(calib_mode, dtype=act_dtype, name=edge_key(e), **opts)
+                 for e in observed]
+    if observers:
+        sym = graph.to_symbol(observed)
+        collect(sym, graph.inputs[0], graph.params, batches, observers, progress)
+    qparams = {e: o.calculate_qparams() for e, o in zip(observed, observers)}
+    warnings = [o.fallback for o in observers if getattr(o, 'fallback', None)]
+    for w in warnings:
+        log.warning('calibration: %s', w)
+    _propagate_qparams(units, producer, qparams)
+    spec, values = _build_spec(graph, units, qparams, per_channel, act_dtype)
+    spec['calibration'] = {
+        'mode': calib_mode if isinstance(calib_mode, str) else calib_mode.__name__,
+        'options': opts, 'num_examples': int(sum(b.shape[0] for b in batches)),
+        'num_batches': len(batches), 'per_channel': bool(per_channel),
+        'act_dtype': act_dtype, 'exclude': exclude, 'warnings': warnings}
+    spec['versions'] = {'gluonq': __version__, 'mxnet': mx.__version__}
+    qnet = QuantizedNet(spec)
+    _set_values(qnet, values)
+    return qnet
+
+
+def _propagate_qparams(units, producer, qparams):
+    """Ranges of pass-through outputs, and concat inputs that share the output's range."""
+    for u in units:
+        if not u.is_int8:
+            continue
+        if u.kind in ('pool', 'flatten', 'relu'):
+            qparams[u.output] = qparams[u.inputs[0]]
+        elif u.kind == 'concat':
+            out = qparams[u.output]
+            # an int8 layer feeding only this concat writes the concat's range directly,
+            # so the concat copies instead of requantizing
+            for e in u.inputs:
+                p = producer.get(e)
+                if p is not None and p.kind in ('conv', 'dense', 'add') and \
+                        _single_reader(units, e) and (p.act is None or out.dtype == 'uint8'):
+                    qparams[e] = out
+
+
+def _single_reader(units, edge):
+    return sum(u.inputs.count(edge) for u in units) == 1
+
+
+def _qkey(e):
+    return edge_key(e) + '#q'
+
+
+def _fkey(e):
+    return edge_key(e) + '#f'
+
+
+def _build_spec(graph, units, qparams, per_channel, act_dtype):
+    """Steps of the QuantizedNet and the float values its parameters are made from."""
+    producer = {u.output: u for u in units}
+    steps, values, used, report = [], {}, set(), []
+    have = {}                                   # (edge, 'q'/'f') -> tensor key
+
+    def tensor(e, want_q):
+        if e in producer and producer[e].is_int8 and producer[e].out_q:
+            native = 'q'
+        else:
+            native = 'f'
+        key = edge_key(e)
+        if (want_q and native == 'q') or (not want_q and native == 'f'):
+            return key
+        if (e, want_q) in have:
+            return have[(e, want_q)]
+        if want_q:
+            qp = qparams[e]
+            name = _step_name('quantize_' + edge_key(e), used)
+            steps.append({'name': name, 'block': 'Quantize', 'inputs': [key],
+                          'outputs': [_qkey(e)],
+                          'config': {'out_dtype': qp.dtype, 'in_range': [qp.min, qp.max]}})
+            have[(e, want_q)] = _qkey(e)
+        else:
+            name = _step_name('dequantize_' + edge_key(e), used)
+            steps.append({'name': name, 'block': 'Dequantize', 'inputs': [key],
+                          'outputs': [_fkey(e)], 'config': {}})
+            have[(e, want_q)] = _fkey(e)
+        return have[(e, want_q)]
+
+    for u in units:
+        ins = [tensor(e, q) for e, q in zip(u.inputs, u.in_q)]
+        name = _step_name(u.node.name, used)
+        out_qp = qparams.get(u.output) if u.out_q else None
+        if u.kind in ('conv', 'dense'):
+            cfg, vals = _layer_config(graph, u, qparams, out_qp, per_channel)
+            block = {'conv': 'QuantizedConv%dD' % len(parse_tuple(u.node.attr('kernel'), ())),
+                     'dense': 'QuantizedDense'}[u.kind]
+            values[name] = vals
+        elif u.kind == 'add':
+            block = 'QuantizedAdd'
+            cfg = {'activation': 'relu' if u.act else None,
+                   'out_dtype': out_qp.dtype if out_qp else 'float32',
+                   'out_range': [out_qp.min, out_qp.max] if out_qp else None}
+        elif u.kind == 'concat':
+            block = 'QuantizedConcat'
+            cfg = {'dim': int(u.node.attr('dim', '1')), 'out_dtype': out_qp.dtype,
+                   'out_range': [out_qp.min, out_qp.max]}
+        elif u.kind == 'pool':
+            block = 'QuantizedPooling'
+            n = u.node
+            cfg = {'pool_size': list(parse_tuple(n.attr('kernel'), (1, 1)) or (1, 1)),
+                   'strides': list(parse_tuple(n.attr('stride'), (1, 1)) or (1, 1)),
+                   'padding': list(parse_tuple(n.attr('pad'), (0, 0)) or (0, 0)),
+                   'ceil_mode': n.attr('pooling_convention', 'valid') == 'full',
+                   'global_pool': n.bool_attr('global_pool'),
+                   'pool_type': n.attr('pool_type', 'max')}
+            if n.attr('count_include_pad') is not None:
+                cfg['count_include_pad'] = n.bool_attr('count_include_pad', True)
+        elif u.kind == 'flatten':
+            block, cfg = 'QuantizedFlatten', {}
+        elif u.kind == 'relu':
+            block, cfg = 'QuantizedActivation', {'in_dtype': qparams[u.inputs[0]].dtype}
+        else:
+            block, cfg, vals, ins = _float_config(graph, u, ins)
+            values[name] = vals
+        outs = [edge_key(u.output)]
+        if u.kind == 'float':
+            nout = len(u.node.shapes or [None])
+            outs = [edge_key((u.node.name, i)) for i in range(nout)]
+        steps.append({'name': name, 'block': block, 'config': cfg, 'inputs': ins,
+                      'outputs': outs})
+        for node in [u.node] + u.fused:
+            report.append({'node': node.name, 'op': node.op, 'step': name,
+                           'kind': u.describe() if node is u.node else
+                           'fused into %s' % name,
+                           'reason': u.reason or ''})
+    for bn, note in graph.notes.items():
+        report.append({'node': bn, 'op': 'BatchNorm' if 'BatchNorm' in note else '',
+                       'step': '', 'kind': 'folded', 'reason': note})
+    outputs = [tensor(e, False) for e in graph.outputs]
+    spec = {'format': 'gluonq.QuantizedNet', 'format_version': 1,
+            'inputs': [graph.inputs[0]], 'input_shape': list(graph.shape((graph.inputs[0], 0))
+                                                             or []),
+            'outputs': outputs, 'steps': steps,
+            'qparams': {edge_key(e): qp.to_dict() for e, qp in sorted(
+                qparams.items(), key=lambda kv: edge_key(kv[0]))},
+            'report': report}
+    return spec, values
+
+
+def _layer_config(graph, u, qparams, out_qp, per_channel):
+    node = u.node
+    w = graph.params[graph.param_of(node, 1)]
+    has_bias = not node.bool_attr('no_bias', False)
+    b = graph.params[graph.param_of(node, 2)] if has_bias else None
+    in_qp = qparams[u.inputs[0]]
+    common = {'in_dtype': in_qp.dtype, 'in_range': [in_qp.min, in_qp.max],
+              'out_dtype': out_qp.dtype if out_qp else 'float32',
+              'out_range': [out_qp.min, out_qp.max] if out_qp else None,
+              'per_channel': bool(per_channel), 'residual': u.residual is not None,
+              'activation': 'relu' if u.act else None, 'use_bias': has_bias}
+    if u.kind == 'dense':
+        cfg = dict(common, units=int(node.attr('num_hidden')),
+                   flatten=node.bool_attr('flatten', True), in_units=int(w.shape[1]))
+    else:
+        g = conv_geometry(node)
+        nd = len(g['kernel'])
+        cfg = dict(common, channels=g['channels'], kernel_size=list(g['kernel']),
+                   strides=list(g['stride']), padding=list(g['pad']),
+                   dilation=list(g['dilate']), groups=g['groups'],
+                   layout={1: 'NCW', 2: 'NCHW', 3: 'NCDHW'}[nd],
+                   in_channels=int(w.shape[1]) * g['groups'])
+    return cfg, {'weight': w, 'bias': b}
+
+
+def _float_config(graph, u, ins):
+    """A FloatOp step: parameters become its own, data inputs stay inputs."""
+    node = u.node
+    params, vals, data = [], {}, []
+    k = 0
+    for pos, e in enumerate(node.inputs):
+        if e[0] in graph.params:
+            local = 'p%d' % pos
+            params.append([pos, local, list(graph.params[e[0]].shape)])
+            vals[local] = graph.params[e[0]]
+        else:
+            data.append(ins[k])
+            k += 1
+    cfg = {'op': node.op, 'attrs': dict(node.attrs), 'num_inputs': len(node.inputs),
+           'params': params}
+    return 'FloatOp', cfg, vals, data
+
+
+def _set_values(qnet, values):
+    """Initialize the converted network and write its parameters from float values."""
+    qnet.initialize(mx.init.Zero())
+    for name, vals in values.items():
+        block = qnet._children[name]
+        if hasattr(block, 'set_float_params'):
+            block.set_float_params(vals['weight'], vals['bias'])
+        else:
+            for local, v in vals.items():
+                block._reg_params[local].set_data(mx.nd.array(v, dtype=np.float32))

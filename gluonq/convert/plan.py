@@ -1,0 +1,246 @@
+"""Decide what each op of a (folded) float graph becomes: which ops run in int8, what they
+absorb (ReLU, a residual add), which tensors stay int8 between ops, and why an op stays float.
+
+The result is a list of :class:`Unit` in topological order. A unit is one step of the
+converted network: a quantized layer (conv/dense with fused activation and residual), an
+int8 op (add, concat, pooling, flatten, relu) or a float op.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+from .graph import parse_tuple
+
+__all__ = ['Unit', 'make_plan', 'ADD_OPS']
+
+ADD_OPS = ('elemwise_add', '_Plus', '_plus', '_add', 'broadcast_add')
+LAYER_OPS = ('Convolution', 'FullyConnected')
+PASS_KINDS = ('add', 'concat', 'pool', 'flatten', 'relu')
+
+
+class Unit:
+    """One step-to-be. ``kind`` is conv, dense, add, concat, pool, flatten, relu or float."""
+
+    def __init__(self, kind, node, inputs, reason=None):
+        self.kind = kind
+        self.node = node                  # the main graph node
+        self.fused = []                   # nodes absorbed into this unit, in order
+        self.inputs = list(inputs)        # data edges read (residual operand included)
+        self.output = (node.name, 0)      # edge it produces
+        self.act = None                   # None, 'relu' or ('clip', a_max)
+        self.residual = None              # edge of the fused residual operand
+        self.reason = reason              # why a unit is float
+        self.out_q = False                # output stays int8
+        self.in_q = []                    # per input: consumed as int8
+
+    @property
+    def is_int8(self):
+        return self.kind != 'float'
+
+    def describe(self):
+        if self.kind == 'float':
+            return 'float'
+        parts = ['int8 %s' % self.kind]
+        if self.residual is not None:
+            parts.append('+ residual add')
+        if self.act is not None:
+            parts.append('+ relu' if self.act == 'relu' else '+ clip(0, %g)' % self.act[1])
+        parts.append('-> int8' if self.out_q else '-> float32')
+        return ' '.join(parts)
+
+    def __repr__(self):
+        return 'Unit(%s %s)' % (self.kind, self.node.name)
+
+
+def _matches(name, patterns):
+    base = name[:-4] if name.endswith('_fwd') else name
+    for p in patterns:
+        if p == name or p == base or fnmatch.fnmatchcase(name, p) or \
+                fnmatch.fnmatchcase(base, p):
+            return True
+    return False
+
+
+def _relu_like(node):
+    """'relu', ('clip', a_max) or None for an activation node that clamps at 0."""
+    if node.op == 'Activation' and node.attr('act_type') == 'relu':
+        return 'relu'
+    if node.op == 'relu':
+        return 'relu'
+    if node.op == 'clip':
+        try:
+            lo, hi = float(node.attr('a_min')), float(node.attr('a_max'))
+        except (TypeError, ValueError):
+            return None
+        if lo == 0.0 and hi > 0:
+            return ('clip', hi)
+    return None
+
+
+def _is_add(graph, node):
+    if node.op not in ADD_OPS or len(node.inputs) != 2:
+        return False
+    if node.op == 'broadcast_add':
+        return graph.shape(node.inputs[0]) == graph.shape(node.inputs[1])
+    return True
+
+
+def _layer_problem(graph, node):
+    """Why a Convolution/FullyConnected node cannot be quantized (None if it can)."""
+    if graph.param_of(node, 1) is None:
+        return 'its weight is computed, not a parameter'
+    if not node.bool_attr('no_bias', False) and graph.param_of(node, 2) is None:
+        return 'its bias is computed, not a parameter'
+    if node.op == 'Convolution':
+        kernel = parse_tuple(node.attr('kernel'))
+        layout = node.attr('layout', 'None')
+        if not kernel or len(kernel) > 3:
+            return 'only 1-d, 2-d and 3-d convolutions are quantized'
+        if layout not in ('None', None) and not layout.startswith('NC'):
+            return 'layout %s (only channel-first layouts are quantized)' % layout
+    return None
+
+
+def _pool_problem(graph, node):
+    if node.op != 'Pooling':
+        return 'not pooling'
+    if node.attr('pool_type', 'max') not in ('max', 'avg'):
+        return 'pool_type %s has no int8 kernel' % node.attr('pool_type')
+    shape = graph.shape(node.inputs[0])
+    if shape is None or len(shape) != 4:
+        return 'int8 pooling is 2-d only'
+    if node.attr('layout', 'None') not in ('None', None, 'NCHW'):
+        return 'layout %s' % node.attr('layout')
+    if node.attr('pool_type') == 'avg' and node.attr('pooling_convention', 'valid') == 'full' \
+            and not node.bool_attr('global_pool'):
+        return ("average pooling with ceil_mode: MXNet's int8 kernel divides edge windows by "
+                "the full kernel size, float pooling by the clipped size")
+    return None
+
+
+def make_plan(graph, exclude=()):
+    """Units of ``graph`` in topological order (see module docstring)."""
+    users = graph.edge_users()
+    absorbed = set()
+    units = []
+
+    def sole_user(edge):
+        us = users.get(edge, [])
+        if len(us) != 1 or us[0] is None:
+            return None
+        node = graph.nodes[us[0]]
+        return None if _matches(node.name, exclude) else node
+
+    for node in graph.op_nodes():
+        if node.name in absorbed:
+            continue
+        data_inputs = [e for e in node.inputs if e[0] not in graph.params]
+        if _matches(node.name, exclude):
+            units.append(Unit('float', node, data_inputs, 'excluded by the user'))
+            continue
+        if node.op in LAYER_OPS:
+            problem = _layer_problem(graph, node)
+            if problem:
+                units.append(Unit('float', node, data_inputs, problem))
+                continue
+            unit = Unit('conv' if node.op == 'Convolution' else 'dense', node, data_inputs)
+            nxt = sole_user(unit.output)
+            if nxt is not None and nxt.name not in absorbed and _is_add(graph, nxt):
+                other = [e for e in nxt.inputs if e != unit.output]
+                if len(other) == 1:
+                    unit.residual = other[0]
+                    unit.inputs.append(other[0])
+                    unit.fused.append(nxt)
+                    absorbed.add(nxt.name)
+                    unit.output = (nxt.name, 0)
+            nxt = sole_user(unit.output)
+            if nxt is not None and _relu_like(nxt):
+                unit.act = _relu_like(nxt)
+                unit.fused.append(nxt)
+                absorbed.add(nxt.name)
+                unit.output = (nxt.name, 0)
+            units.append(unit)
+        elif _is_add(graph, node):
+            unit = Unit('add', node, data_inputs)
+            nxt = sole_user(unit.output)
+            if nxt is not None and _relu_like(nxt) == 'relu':
+                unit.act = 'relu'
+                unit.fused.append(nxt)
+                absorbed.add(nxt.name)
+                unit.output = (nxt.name, 0)
+            units.append(unit)
+        elif node.op in ('Concat', 'concat'):
+            units.append(Unit('concat', node, data_inputs))
+        elif node.op == 'Pooling':
+            problem = _pool_problem(graph, node)
+            units.append(Unit('float', node, data_inputs, problem) if problem else
+                         Unit('pool', node, data_inputs))
+        elif node.op in ('Flatten', 'flatten'):
+            units.append(Unit('flatten', node, data_inputs))
+        elif _relu_like(node) == 'relu':
+            units.append(Unit('relu', node, data_inputs))
+        else:
+            units.append(Unit('float', node, data_inputs,
+                              'no int8 kernel for %s' % node.op))
+    _decide_int8_tensors(graph, units)
+    return units
+
+
+def _decide_int8_tensors(graph, units):
+    """Which units run in int8 and which tensors stay int8 between them."""
+    # int8 ops between layers only make sense on int8 inputs: otherwise they (and what
+    # they absorbed) stay float
+    kept, int8_edges = [], set()
+    for u in _topological(units):
+        if u.kind in PASS_KINDS and not all(e in int8_edges for e in u.inputs):
+            for node in [u.node] + u.fused:
+                kept.append(Unit('float', node, [e for e in node.inputs
+                                                 if e[0] not in graph.params],
+                                 'its inputs are float (no int8 layer before it)'))
+            continue
+        kept.append(u)
+        if u.is_int8:
+            int8_edges.add(u.output)
+    # a unit's output stays int8 if an int8 unit reads it
+    readers = set()
+    for u in kept:
+        u.in_q = [u.is_int8] * len(u.inputs)
+        if u.is_int8:
+            readers.update(u.inputs)
+    result = []
+    for u in kept:
+        # pooling/flatten/relu/concat always produce int8 (then dequantized if needed)
+        u.out_q = u.is_int8 and (u.output in readers or u.kind in ('pool', 'flatten', 'relu',
+                                                                     'concat'))
+        result.append(u)
+        if u.kind in ('conv', 'dense') and isinstance(u.act, tuple) and not u.out_q:
+            clip = u.fused.pop()        # a float-output layer cannot absorb a clip
+            u.output = (u.fused[-1].name, 0) if u.fused else (u.node.name, 0)
+            u.act = None
+            cu = Unit('float', clip, [u.output], 'clip after a layer with float output')
+            result.append(cu)
+    units[:] = result
+
+
+def _topological(units):
+    """Units ordered so that every input is produced before it is read (stable)."""
+    producer = {u.output: u for u in units}
+    done, order = set(), []
+    visiting = set()
+
+    def visit(u):
+        if id(u) in done:
+            return
+        if id(u) in visiting:
+            raise ValueError('cycle in the graph at %s' % u.node.name)
+        visiting.add(id(u))
+        for e in u.inputs:
+            if e in producer and producer[e] is not u:
+                visit(producer[e])
+        visiting.discard(id(u))
+        done.add(id(u))
+        order.append(u)
+
+    for u in units:
+        visit(u)
+    return order
