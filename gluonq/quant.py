@@ -57,7 +57,7 @@ INT32_FLOAT_MAX = 2147483520.0
 _RNE_MAGIC = 12582912.0
 #: Smallest range magnitude gluonq uses: an all-zero tensor gets this range instead of 0, so
 #: that no scale is ever 0 and nothing divides by zero. Real values this small quantize to 0.
-EPS_RANGE = 1e-8
+EPS_RANGE = 1e-30
 
 
 def dtype_for_range(lo, hi, dtype='auto'):

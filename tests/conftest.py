@@ -7,7 +7,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)            # tests/reference.py and tests/mnist_models.py
+sys.path.insert(0, HERE)                                  # tests/reference.py
+sys.path.insert(0, os.path.join(ROOT, "examples"))        # examples/mnist_models.py
 
 
 @pytest.fixture(autouse=True)

@@ -92,7 +92,7 @@ def collect(sym, input_name, params, batches, observers, progress=True):
     ``params`` maps argument/auxiliary names to numpy arrays.
     """
     from tqdm.auto import tqdm
-    block = mx.gluon.SymbolBlock(sym, [mx.sym.var(input_name)])
+    block = mx.gluon.SymbolBlock(sym, [mx.sym.var(input_name, dtype=np.float32)])
     arg_params = {k: mx.nd.array(v, dtype=v.dtype) for k, v in params.items()}
     for name, p in block.collect_params().items():
         if name not in arg_params:

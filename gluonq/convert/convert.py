@@ -220,7 +220,7 @@ def _build_spec(graph, units, qparams, per_channel, act_dtype):
             nout = len(u.node.shapes or [None])
             outs = [edge_key((u.node.name, i)) for i in range(nout)]
         steps.append({'name': name, 'block': block, 'config': cfg, 'inputs': ins,
-                      'outputs': outs})
+                      'outputs': outs, 'node': u.node.name})
         for node in [u.node] + u.fused:
             report.append({'node': node.name, 'op': node.op, 'step': name,
                            'kind': u.describe() if node is u.node else

@@ -1,0 +1,107 @@
+"""The main job, end to end: a trained float MNIST ResNet-20 checkpoint -> int8.
+
+1. Train gluoncv's cifar_resnet20_v1 on MNIST for one epoch (cached in .cache/ after the
+   first run) and save the float checkpoint.
+2. Convert it with the ``gluonq-convert`` script: 512 calibration images, per-channel
+   weights, an int8 checkpoint plus deployment exports.
+3. Load the int8 checkpoint with ``gluonq.load_quantized`` and report fp32 vs int8 top-1 on
+   the 10k test images, file sizes and speed.
+
+    python examples/demo.py [--out out/demo] [--calib-mode naive]
+"""
+import argparse
+import os
+import sys
+import time
+
+import mxnet as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mnist_models as M  # noqa: E402
+
+import gluonq  # noqa: E402
+from gluonq import cli, quant  # noqa: E402
+
+
+def median_ms(fn, runs=7, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='gluonq demo: MNIST ResNet-20 fp32 -> int8')
+    p.add_argument('--out', default=os.path.join(M.ROOT, 'out', 'demo'))
+    p.add_argument('--calib-mode', default='naive')
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+
+    print('== 1. float model: gluoncv cifar_resnet20_v1 trained on MNIST (1 epoch)')
+    cache = os.path.join(M.ROOT, '.cache')
+    float_params = os.path.join(cache, 'resnet20-mnist.params')
+    if not os.path.exists(float_params):
+        net = M.build('resnet20')
+        t = time.time()
+        M.train(net, epochs=1, batch_size=128, lr=0.2, wd=5e-4, eval_test=False,
+                log_every=100)
+        print('   trained in %.0f s' % (time.time() - t))
+        os.makedirs(cache, exist_ok=True)
+        net.save_parameters(float_params + '.tmp')
+        os.replace(float_params + '.tmp', float_params)
+    else:
+        print('   using the cached checkpoint %s' % float_params)
+
+    print('\n== 2. gluonq-convert (calibration: %s, 512 images)' % args.calib_mode)
+    data = os.path.join(M.ROOT, 'data', 'mnist.npz')
+    prefix = os.path.join(args.out, 'resnet20-int8')
+    argv = ['--model', 'cifar_resnet20_v1', '--classes', '10', '--params', float_params,
+            '--calib', data, '--calib-key', 'x_train', '--transform',
+            'mnist_models:preprocess', '--num-calib-examples', '512',
+            '--calib-mode', args.calib_mode, '--out', prefix,
+            '--export-compact', prefix + '-compact', '--overwrite', '--quiet']
+    try:
+        from gluonq.export import export_fast  # noqa: F401
+        argv += ['--export-fast', prefix + '-fast']
+    except ImportError:
+        pass
+    print('   gluonq-convert ' + ' '.join(argv))
+    if cli.main(argv) != 0:
+        return 1
+
+    print('\n== 3. load the int8 checkpoint and compare with fp32')
+    net = M.build('resnet20')
+    net.load_parameters(float_params)
+    net.hybridize(static_alloc=True, static_shape=True)
+    qnet = gluonq.load_quantized(prefix)
+    qnet.hybridize(static_alloc=True, static_shape=True)
+    xt, yt = M.test_set()
+    acc_f, lf = M.evaluate(net, xt, yt)
+    acc_q, lq = M.evaluate(qnet, xt, yt)
+    print('   top-1 on 10000 test images: fp32 %.2f%%, int8 %.2f%% (drop %.2f points); '
+          'logit SQNR %.1f dB' % (acc_f, acc_q, acc_f - acc_q, quant.sqnr_db(lf, lq)))
+    sizes = [('fp32 checkpoint', float_params), ('int8 checkpoint', prefix + '.params')]
+    for name in ('compact', 'fast'):
+        path = '%s-%s-0000.params' % (prefix, name)
+        if os.path.exists(path):
+            sizes.append(('%s export' % name, path))
+    f_size = os.path.getsize(float_params)
+    for label, path in sizes:
+        size = os.path.getsize(path)
+        print('   %-16s %9d bytes  (%.0f%% of fp32)' % (label, size, 100.0 * size / f_size))
+    for bs in (1, 64):
+        x = mx.nd.array(xt[:bs])
+        t_f = median_ms(lambda: net(x).wait_to_read())
+        t_q = median_ms(lambda: qnet(x).wait_to_read())
+        print('   batch %-3d fp32 %7.2f ms, int8 %7.2f ms: %.2fx (median of 7)' % (
+            bs, t_f, t_q, t_f / t_q))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""gluonq vs MXNet's built-in quantizer on MNIST-trained networks, side by side.
+
+For each model (trained here, or loaded from .cache/ in the repo), each calibration mode and
+weight granularity: fp32 top-1 on the 10k test set, int8 top-1 and drop, and logit SQNR
+(int8 logits against fp32, dB) for gluonq and for ``mxnet.contrib.quantization.
+quantize_net_v2`` with the same 512 calibration images and the same mode.
+
+    python examples/mnist_accuracy.py                       # every model and mode
+    python examples/mnist_accuracy.py --models resnet20 --modes naive entropy
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+
+import mxnet as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mnist_models as M  # noqa: E402
+
+import gluonq  # noqa: E402
+from gluonq import quant  # noqa: E402
+
+CACHE = os.path.join(M.ROOT, '.cache')
+# model -> (build kwargs, train kwargs); one epoch each
+RECIPES = {
+    'resnet20': ({}, dict(epochs=1, batch_size=128, lr=0.2, wd=5e-4)),
+    'mobilenet0.25': ({}, dict(epochs=1, batch_size=128, lr=0.1, wd=4e-5)),
+    'mobilenetv2_0.25': ({}, dict(epochs=1, batch_size=128, lr=0.05, wd=4e-5)),
+    'incres': ({'width': 32}, dict(epochs=1, batch_size=128, lr=0.1, wd=5e-4)),
+}
+MODES = ['naive', 'entropy', 'percentile', 'mse']
+BUILTIN_MODES = ('naive', 'entropy')
+
+
+def trained(name, log=print):
+    """The float model, trained once and cached under .cache/ in the repo."""
+    build_kw, train_kw = RECIPES[name]
+    path = os.path.join(CACHE, '%s.params' % name)
+    net = M.build(name, **build_kw)
+    if os.path.exists(path):
+        net.load_parameters(path)
+    else:
+        log('training %s (%s) ...' % (name, train_kw))
+        M.train(net, verbose=False, eval_test=False, **train_kw)
+        os.makedirs(CACHE, exist_ok=True)
+        tmp = path + '.tmp'
+        net.save_parameters(tmp)
+        os.replace(tmp, path)
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
+
+
+def builtin(net, xc, yc, mode, per_channel):
+    from mxnet.contrib.quantization import quantize_net_v2
+    dl = mx.gluon.data.DataLoader(mx.gluon.data.ArrayDataset(mx.nd.array(xc),
+                                                             mx.nd.array(yc)), batch_size=64)
+    q = quantize_net_v2(net, quantized_dtype='auto', quantize_mode='full',
+                        quantize_granularity='channel-wise' if per_channel else 'tensor-wise',
+                        calib_mode=mode, calib_data=dl, num_calib_examples=len(xc),
+                        ctx=mx.cpu(), logger=logging.getLogger('silent'))
+    q.hybridize(static_alloc=True, static_shape=True)
+    return q
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--models', nargs='+', default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument('--modes', nargs='+', default=MODES, choices=MODES)
+    p.add_argument('--calib', type=int, default=512, help='calibration images')
+    p.add_argument('--no-builtin', action='store_true', help='skip MXNet built-in rows')
+    args = p.parse_args(argv)
+    logging.getLogger('gluonq').setLevel(logging.ERROR)
+    xc, yc = M.load('train', args.calib)
+    xt, yt = M.test_set()
+    header = ('%-17s %-10s %-7s %6s | %7s %6s %6s | %7s %6s %6s' % (
+        'model', 'mode', 'weights', 'fp32', 'gluonq', 'drop', 'dB', 'builtin', 'drop', 'dB'))
+    lines = [header, '-' * len(header)]
+    print(header, flush=True)
+    for name in args.models:
+        net = trained(name)
+        acc_f, lf = M.evaluate(net, xt, yt)
+        for mode in args.modes:
+            for pc in (True, False):
+                t = time.time()
+                q = gluonq.quantize_net(net, xc, calib_mode=mode, per_channel=pc,
+                                        progress=False)
+                q.hybridize()
+                acc_q, lq = M.evaluate(q, xt, yt)
+                conv_s = time.time() - t
+                row = '%-17s %-10s %-7s %6.2f | %7.2f %+6.2f %6.1f |' % (
+                    name, mode, 'channel' if pc else 'tensor', acc_f, acc_q, acc_f - acc_q,
+                    quant.sqnr_db(lf, lq))
+                if mode in BUILTIN_MODES and not args.no_builtin:
+                    b = builtin(trained(name), xc, yc, mode, pc)
+                    acc_b, lb = M.evaluate(b, xt, yt)
+                    row += ' %7.2f %+6.2f %6.1f' % (acc_b, acc_f - acc_b, quant.sqnr_db(lf, lb))
+                else:
+                    row += ' %7s %6s %6s' % ('n/a', '', '')
+                warn = len(q.spec['calibration']['warnings'])
+                if warn:
+                    row += '   (%d ranges overruled by the guard)' % warn
+                print(row, flush=True)
+                lines.append(row)
+    return lines
+
+
+if __name__ == '__main__':
+    main()

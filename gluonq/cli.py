@@ -1,0 +1,363 @@
+"""``gluonq-convert`` (also ``python -m gluonq.convert``): float checkpoint -> int8 checkpoint.
+
+Example::
+
+    gluonq-convert --model cifar_resnet20_v1 --classes 10 --params float.params \\
+        --calib calib.npz --num-calib-examples 512 --out int8/resnet20 \\
+        --eval test.npz --export-fast deploy/resnet20 --onnx deploy/resnet20.onnx
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+__all__ = ['main', 'build_network', 'load_float_params', 'load_array_data']
+
+IMAGE_EXT = ('.jpg', '.jpeg', '.png', '.bmp')
+
+
+class CliError(Exception):
+    """A user error: printed without a traceback, exit status 2."""
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog='gluonq-convert',
+        description='Calibrate a float MXNet Gluon checkpoint and write an int8 checkpoint '
+                    '(.params with int8 weights + .json sidecar), optionally exported for '
+                    'deployment.')
+    arch = p.add_argument_group('architecture (one of)')
+    arch.add_argument('--model', help='gluoncv model zoo name, e.g. cifar_resnet20_v1')
+    arch.add_argument('--classes', type=int, help='number of classes (gluoncv models)')
+    arch.add_argument('--model-kwargs', default='{}', help='JSON keyword arguments for the '
+                      'model constructor')
+    arch.add_argument('--factory', help='package.module:callable returning the network')
+    arch.add_argument('--symbol', help='exported symbol JSON (prefix-symbol.json)')
+    arch.add_argument('--input-name', default='data', help='input name of --symbol graphs')
+    p.add_argument('--params', required=True, help='float checkpoint (.params)')
+    cal = p.add_argument_group('calibration')
+    cal.add_argument('--calib', required=True, help='.npz/.npy array file, image folder or '
+                     'RecordIO .rec file')
+    cal.add_argument('--calib-key', help='array name inside an .npz (default: the first)')
+    cal.add_argument('--transform', help='package.module:function applied to loaded arrays '
+                     '(e.g. to pad and normalize raw images)')
+    cal.add_argument('--image-size', type=int, nargs=2, metavar=('H', 'W'),
+                     help='resize images from folders / .rec to H W')
+    cal.add_argument('--mean', type=float, nargs='+', default=[0.0], help='per-channel mean '
+                     'subtracted from images in [0, 1]')
+    cal.add_argument('--std', type=float, nargs='+', default=[1.0], help='per-channel std')
+    cal.add_argument('--num-calib-examples', type=int, default=512)
+    cal.add_argument('--calib-mode', default='naive',
+                     choices=['naive', 'percentile', 'entropy', 'mse', 'moving_average'])
+    cal.add_argument('--percentile', type=float, help='percentile for --calib-mode percentile')
+    cal.add_argument('--per-tensor', action='store_true', help='one weight scale per tensor '
+                     '(default: per output channel)')
+    cal.add_argument('--act-dtype', default='auto', choices=['auto', 'int8', 'uint8'])
+    cal.add_argument('--exclude', nargs='+', default=[], metavar='PATTERN',
+                     help='layer names or glob patterns that stay float')
+    cal.add_argument('--batch-size', type=int, default=32)
+    ev = p.add_argument_group('evaluation (optional)')
+    ev.add_argument('--eval', help='.npz with inputs and labels for fp32 vs int8 accuracy')
+    ev.add_argument('--eval-key', help='input array name in --eval (default: first)')
+    ev.add_argument('--eval-label-key', help='label array name in --eval (default: second)')
+    out = p.add_argument_group('output')
+    out.add_argument('--out', required=True, help='output prefix: writes PREFIX.params and '
+                     'PREFIX.json')
+    out.add_argument('--export-fast', metavar='PREFIX', help='also write a deployment export '
+                     'for stock MXNet using oneDNN fused int8 kernels')
+    out.add_argument('--export-compact', metavar='PREFIX', help='also write a deployment '
+                     'export for stock MXNet with int8 weights on disk')
+    out.add_argument('--onnx', metavar='PATH', help='also write an ONNX (QDQ) model')
+    out.add_argument('--report-png', metavar='PATH', help='bar chart of per-layer SQNR')
+    out.add_argument('--overwrite', action='store_true', help='replace existing outputs')
+    p.add_argument('--quiet', action='store_true', help='no progress bar')
+    return p
+
+
+def _import(spec, what):
+    mod_name, _, attr = spec.partition(':')
+    if not attr:
+        raise CliError('%s must look like package.module:name, got %r' % (what, spec))
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise CliError('%s: cannot import %s: %s' % (what, mod_name, err)) from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise CliError('%s: module %s has no %r' % (what, mod_name, attr)) from None
+
+
+def build_network(args):
+    """The float network from --model / --factory / --symbol (parameters not loaded)."""
+    import mxnet as mx
+    chosen = [a for a in ('model', 'factory', 'symbol') if getattr(args, a)]
+    if len(chosen) != 1:
+        raise CliError('give exactly one of --model, --factory, --symbol (got %s)'
+                       % (', '.join('--' + c for c in chosen) or 'none'))
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as err:
+        raise CliError('--model-kwargs is not valid JSON: %s' % err) from None
+    if args.model:
+        from gluoncv.model_zoo import get_model
+        if args.classes is not None:
+            kwargs['classes'] = args.classes
+        try:
+            return get_model(args.model, pretrained=False, **kwargs)
+        except ValueError as err:
+            raise CliError('--model %s: %s' % (args.model, str(err).splitlines()[0])) from None
+    if args.factory:
+        return _import(args.factory, '--factory')(**kwargs)
+    if not os.path.exists(args.symbol):
+        raise CliError('--symbol file %s not found' % args.symbol)
+    sym = mx.sym.load(args.symbol)
+    return mx.gluon.SymbolBlock(sym, [mx.sym.var(args.input_name)])
+
+
+def load_float_params(net, path):
+    """Load a float checkpoint into ``net``; mismatches list missing/unexpected names."""
+    import mxnet as mx
+    if not os.path.exists(path):
+        raise CliError('--params file %s not found' % path)
+    try:
+        loaded = mx.nd.load(path)
+    except mx.base.MXNetError:
+        raise CliError('--params %s is not an MXNet .params file' % path) from None
+    if not isinstance(loaded, dict) or not loaded:
+        raise CliError('--params %s holds no named parameters' % path)
+    if all(k.startswith(('arg:', 'aux:')) for k in loaded):
+        loaded = {k[4:]: v for k, v in loaded.items()}
+        expected = {p.name: p for p in net.collect_params().values()}
+    elif any('.' in k for k in loaded):
+        expected = net._collect_params_with_prefix()
+    else:
+        expected = {p.name: p for p in net.collect_params().values()}
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise CliError('architecture and checkpoint %s disagree:\n  missing from the '
+                       'checkpoint (%d): %s\n  unexpected in the checkpoint (%d): %s'
+                       % (path, len(missing), ', '.join(missing[:20]) or '-',
+                          len(unexpected), ', '.join(unexpected[:20]) or '-'))
+    for name, param in expected.items():
+        value = loaded[name]
+        if value.dtype != np.float32:
+            raise CliError('parameter %s in %s is %s: expected a float32 checkpoint'
+                           % (name, path, np.dtype(value.dtype).name))
+        if param.shape is not None and any(s not in (0, t) for s, t in
+                                           zip(param.shape, value.shape)) or \
+                (param.shape is not None and len(param.shape) != len(value.shape)):
+            raise CliError('parameter %s: the architecture expects shape %s, the checkpoint '
+                           'has %s' % (name, param.shape, value.shape))
+        param.shape = value.shape
+        param._load_init(value, mx.cpu())
+    return net
+
+
+def _images_from_folder(folder, args, limit):
+    import mxnet as mx
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs
+                   if f.lower().endswith(IMAGE_EXT))
+    if not files:
+        raise CliError('--calib folder %s holds no images (%s)' % (folder, ', '.join(IMAGE_EXT)))
+    imgs = []
+    for f in files[:limit]:
+        with open(f, 'rb') as fh:
+            imgs.append(mx.image.imdecode(fh.read()).asnumpy())
+    return _prepare_images(imgs, args, folder)
+
+
+def _images_from_rec(path, args, limit):
+    import mxnet as mx
+    rec = mx.recordio.MXRecordIO(path, 'r')
+    imgs = []
+    try:
+        while len(imgs) < limit:
+            item = rec.read()
+            if item is None:
+                break
+            _, img = mx.recordio.unpack_img(item, iscolor=1)
+            imgs.append(img[:, :, ::-1])                        # BGR -> RGB
+    finally:
+        rec.close()
+    if not imgs:
+        raise CliError('--calib RecordIO file %s holds no images' % path)
+    return _prepare_images(imgs, args, path)
+
+
+def _prepare_images(imgs, args, source):
+    import cv2
+    if args.image_size is None:
+        sizes = {im.shape[:2] for im in imgs}
+        if len(sizes) != 1:
+            raise CliError('images in %s have different sizes %s: give --image-size H W'
+                           % (source, sorted(sizes)[:3]))
+    out = []
+    for im in imgs:
+        if args.image_size is not None:
+            im = cv2.resize(im, (args.image_size[1], args.image_size[0]),
+                            interpolation=cv2.INTER_LINEAR)
+        out.append(im)
+    x = np.stack(out).astype(np.float32) / 255.0                  # N, H, W, C
+    mean, std = np.asarray(args.mean, np.float32), np.asarray(args.std, np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def load_array_data(path, key=None, label_key=None, want_labels=False):
+    """Arrays from an .npy/.npz file: (data, labels or None)."""
+    if not os.path.exists(path):
+        raise CliError('data file %s not found' % path)
+    try:
+        d = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise CliError('cannot read %s as .npy/.npz: %s' % (path, err)) from None
+    if isinstance(d, np.ndarray):
+        return d, None
+    names = list(d.keys())
+    if not names:
+        raise CliError('%s holds no arrays' % path)
+    key = key or names[0]
+    if key not in names:
+        raise CliError('%s has no array %r (it has %s)' % (path, key, ', '.join(names)))
+    labels = None
+    if want_labels:
+        label_key = label_key or next((n for n in names if n != key), None)
+        if label_key is None or label_key not in names:
+            raise CliError('%s has no label array %r (it has %s)' % (path, label_key,
+                                                                     ', '.join(names)))
+        labels = d[label_key]
+    return d[key], labels
+
+
+def _calib_data(args):
+    path, n = args.calib, args.num_calib_examples
+    if os.path.isdir(path):
+        x = _images_from_folder(path, args, n)
+    elif path.endswith('.rec'):
+        x = _images_from_rec(path, args, n)
+    else:
+        x, _ = load_array_data(path, args.calib_key)
+        x = x[:n]
+    if args.transform:
+        x = _import(args.transform, '--transform')(x)
+    return np.asarray(x)
+
+
+def _accuracy(net, x, y, batch_size=256):
+    import mxnet as mx
+    outs = [net(mx.nd.array(x[i:i + batch_size])).asnumpy()
+            for i in range(0, len(x), batch_size)]
+    logits = np.concatenate(outs)
+    return 100.0 * float((logits.argmax(1) == y.reshape(-1)).mean()), logits
+
+
+def run(args):
+    import mxnet as mx
+    import gluonq
+    from gluonq import debug, quant
+    from gluonq.calibration.collect import CalibrationDataError
+    t0 = time.time()
+    net = build_network(args)
+    load_float_params(net, args.params)
+    try:
+        x = _calib_data(args)
+    except CalibrationDataError as err:
+        raise CliError('--calib %s: %s' % (args.calib, err)) from None
+    outputs = [args.out + '.params', args.out + '.json'] + \
+        [p for p in (args.onnx, args.report_png) if p] + \
+        [q + s for q in (args.export_fast, args.export_compact) if q
+         for s in ('-symbol.json', '-0000.params')]
+    if not args.overwrite:
+        existing = [o for o in outputs if os.path.exists(o)]
+        if existing:
+            raise CliError('refusing to overwrite %s (use --overwrite)' % ', '.join(existing))
+    opts = {'percentile': args.percentile} if args.percentile is not None else None
+    try:
+        qnet = gluonq.quantize_net(net, x, calib_mode=args.calib_mode,
+                                   num_calib_examples=args.num_calib_examples,
+                                   per_channel=not args.per_tensor, act_dtype=args.act_dtype,
+                                   exclude=args.exclude, batch_size=args.batch_size,
+                                   calib_options=opts, progress=not args.quiet)
+    except CalibrationDataError as err:
+        raise CliError('--calib %s: %s' % (args.calib, err)) from None
+    convert_s = time.time() - t0
+    rows = debug.compare(net, qnet, x, num_examples=min(len(x), 128))
+    summary = {'calib_examples': int(min(len(x), args.num_calib_examples)),
+               'convert_seconds': round(convert_s, 2)}
+    if args.eval:
+        xe, ye = load_array_data(args.eval, args.eval_key, args.eval_label_key, True)
+        if args.transform:
+            xe = _import(args.transform, '--transform')(xe)
+        net.hybridize()
+        acc_f, lf = _accuracy(net, xe, ye)
+        qnet.hybridize()
+        acc_q, lq = _accuracy(qnet, xe, ye)
+        summary.update({'fp32_top1': acc_f, 'int8_top1': acc_q,
+                        'logit_sqnr_db': round(quant.sqnr_db(lf, lq), 2)})
+    written = []
+    try:            # every file is written atomically; a failure removes this run's files
+        written += gluonq.save_quantized(qnet, args.out, overwrite=args.overwrite,
+                                         extra={'summary': summary})
+        if args.export_fast:
+            from gluonq.export import export_fast
+            written += export_fast(qnet, args.export_fast, overwrite=args.overwrite)
+        if args.export_compact:
+            written += gluonq.export_compact(qnet, args.export_compact,
+                                             overwrite=args.overwrite)
+        if args.onnx:
+            from gluonq.onnx import export_onnx
+            written.append(export_onnx(qnet, args.onnx, overwrite=args.overwrite))
+        if args.report_png:
+            written.append(debug.plot(rows, args.report_png))
+    except BaseException:
+        for path in written:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    _print_summary(qnet, rows, summary, written)
+    return 0
+
+
+def _print_summary(qnet, rows, summary, written):
+    report = qnet.report
+    int8 = [r for r in report if r['kind'].startswith('int8')]
+    floats = [r for r in report if r['kind'] == 'float']
+    print('layers: %d int8, %d float, %d folded/fused' % (
+        len(int8), len(floats), len(report) - len(int8) - len(floats)))
+    for r in floats:
+        print('  float  %-40s %-16s %s' % (r['node'], r['op'], r['reason']))
+    print()
+    from gluonq.debug import format_table
+    print(format_table(rows))
+    print()
+    if 'fp32_top1' in summary:
+        print('top-1: fp32 %.2f%%  int8 %.2f%%  (drop %.2f points), logit SQNR %.1f dB' % (
+            summary['fp32_top1'], summary['int8_top1'],
+            summary['fp32_top1'] - summary['int8_top1'], summary['logit_sqnr_db']))
+    warnings = qnet.spec['calibration']['warnings']
+    for w in warnings:
+        print('calibration warning:', w)
+    print('converted in %.1f s; wrote %s' % (summary['convert_seconds'], ', '.join(written)))
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='%(name)s: %(message)s')
+    try:
+        return run(args)
+    except (CliError, FileExistsError, FileNotFoundError) as err:
+        print('gluonq-convert: error: %s' % err, file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

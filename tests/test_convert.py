@@ -1,0 +1,217 @@
+"""The converter: tracing and folding, planning, calibration data, checkpoints, errors."""
+import filecmp
+import json
+import os
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet.gluon import nn
+
+import gluonq
+from gluonq import quant
+from gluonq.calibration.collect import CalibrationDataError
+from gluonq.convert import trace_and_fold
+from gluonq.export import CheckpointError
+
+import mnist_models as M
+
+
+class Branchy(nn.HybridBlock):
+    """Hand-written: F.relu, +, F.concat, F.Pooling, F.flatten, and a sigmoid (float)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        with self.name_scope():
+            self.stem = nn.Conv2D(8, 3, padding=1)
+            self.bn = nn.BatchNorm()
+            self.a = nn.Conv2D(8, 1)
+            self.b = nn.Conv2D(8, 3, padding=1)
+            self.gate = nn.Conv2D(16, 1)
+            self.fc = nn.Dense(10)
+
+    def hybrid_forward(self, F, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.concat(F.relu(self.a(x)), F.relu(self.b(x)), dim=1)
+        y = F.Pooling(y, kernel=(2, 2), stride=(2, 2), pool_type='max')
+        g = F.sigmoid(self.gate(y))
+        y = F.relu(y * g + y)
+        return self.fc(F.flatten(F.Pooling(y, kernel=(1, 1), global_pool=True,
+                                           pool_type='avg')))
+
+
+def _branchy():
+    net = Branchy()
+    net.initialize(mx.init.Xavier(magnitude=2))
+    x = np.random.RandomState(0).rand(40, 1, 12, 12).astype(np.float32)
+    net(mx.nd.array(x[:2]))
+    # non-trivial BatchNorm statistics, so that folding is tested
+    net.bn.running_mean.set_data(mx.nd.array(np.linspace(-0.2, 0.3, 8)))
+    net.bn.running_var.set_data(mx.nd.array(np.linspace(0.5, 2.0, 8)))
+    net.bn.gamma.set_data(mx.nd.array(np.linspace(0.8, 1.3, 8)))
+    return net, x
+
+
+def test_fold_preserves_the_float_network():
+    net, x = _branchy()
+    graph = trace_and_fold(net, (1,) + x.shape[1:])
+    assert not any(n.op == 'BatchNorm' for n in graph.op_nodes())
+    block = mx.gluon.SymbolBlock(graph.to_symbol(), [mx.sym.var('data')])
+    for name, p in block.collect_params().items():
+        p.shape = graph.params[name].shape
+        p.initialize(mx.init.Constant(0))
+        p.set_data(mx.nd.array(graph.params[name]))
+    np.testing.assert_allclose(block(mx.nd.array(x)).asnumpy(), net(mx.nd.array(x)).asnumpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_plan_report_and_partial_quantization():
+    net, x = _branchy()
+    q = gluonq.quantize_net(net, x, progress=False)
+    kinds = {r['op']: r['kind'] for r in q.report if r['kind'] not in ('folded',)}
+    assert kinds['Concat'].startswith('int8 concat')
+    pools = [r for r in q.report if r['op'] == 'Pooling']
+    assert pools[0]['kind'].startswith('int8 pool')
+    # the global pool reads the float output of the sigmoid gate: it stays float
+    assert pools[1]['kind'] == 'float' and 'inputs are float' in pools[1]['reason']
+    assert any(r['kind'].startswith('int8 conv + relu') for r in q.report)
+    sig = [r for r in q.report if r['op'] == 'sigmoid'][0]
+    assert sig['kind'] == 'float' and 'no int8 kernel for sigmoid' in sig['reason']
+    assert any(r['kind'] == 'folded' and 'BatchNorm folded' in r['reason'] for r in q.report)
+    yf, yq = net(mx.nd.array(x)).asnumpy(), q(mx.nd.array(x)).asnumpy()
+    assert quant.sqnr_db(yf, yq) > 20
+    # exclude the first conv and the classifier: they stay float
+    q2 = gluonq.quantize_net(net, x, exclude=['*conv0*', '*dense*'], progress=False)
+    excl = [r for r in q2.report if r['reason'] == 'excluded by the user']
+    assert sorted(r['op'] for r in excl) == ['Convolution', 'FullyConnected']
+    assert quant.sqnr_db(yf, q2(mx.nd.array(x)).asnumpy()) > 20
+    with pytest.raises(ValueError, match='no layer matches'):
+        gluonq.quantize_net(net, x, exclude=['nonexistent_layer'], progress=False)
+
+
+def test_int8_parameters_and_hybridize():
+    net, x = _branchy()
+    q = gluonq.quantize_net(net, x, progress=False)
+    dtypes = {name.rsplit('_', 1)[-1]: p.dtype for name, p in q.collect_params().items()}
+    assert any(p.dtype == np.int8 for p in q.collect_params().values())
+    assert any(p.dtype == np.int32 for p in q.collect_params().values())
+    assert dtypes['scale'] == np.float32
+    y = q(mx.nd.array(x)).asnumpy()
+    q.hybridize()
+    np.testing.assert_allclose(q(mx.nd.array(x)).asnumpy(), y, rtol=1e-5, atol=1e-5)
+
+
+def test_calib_data_forms_and_limits():
+    net, x = _branchy()
+    y = np.zeros(len(x), np.float32)
+    loader = mx.gluon.data.DataLoader(mx.gluon.data.ArrayDataset(x, y), batch_size=8)
+    forms = [x, mx.nd.array(x), loader, [mx.nd.array(x[i:i + 10]) for i in range(0, 40, 10)],
+             [(mx.nd.array(x[i:i + 10]), mx.nd.array(y[i:i + 10])) for i in range(0, 40, 10)]]
+    ref = gluonq.quantize_net(net, x, progress=False).qparams
+    for form in forms:
+        q = gluonq.quantize_net(net, form, progress=False)
+        assert q.qparams == ref
+    q = gluonq.quantize_net(net, loader, num_calib_batches=2, progress=False)
+    assert q.spec['calibration']['num_examples'] == 16
+    q = gluonq.quantize_net(net, x, num_calib_examples=13, progress=False)
+    assert q.spec['calibration']['num_examples'] == 13
+
+
+def test_calib_data_errors_name_the_input():
+    net, x = _branchy()
+    with pytest.raises(CalibrationDataError, match='empty'):
+        gluonq.quantize_net(net, np.zeros((0, 1, 12, 12), np.float32), progress=False)
+    with pytest.raises(CalibrationDataError, match='yielded no examples'):
+        gluonq.quantize_net(net, [], progress=False)
+    bad = x.copy()
+    bad[3, 0, 2, 2] = np.nan
+    with pytest.raises(CalibrationDataError, match='batch 0 holds NaN or Inf'):
+        gluonq.quantize_net(net, bad, progress=False)
+    with pytest.raises(CalibrationDataError, match='example shape'):
+        gluonq.quantize_net(net, [x[:4], x[:4, :, :6]], progress=False)
+    with pytest.raises(CalibrationDataError, match='expected an NDArray or numpy array'):
+        gluonq.quantize_net(net, [['not', 'arrays']], progress=False)
+
+
+def test_checkpoint_roundtrip_determinism_and_refusal(tmp_path):
+    net, x = _branchy()
+    a = gluonq.quantize_net(net, x, progress=False)
+    b = gluonq.quantize_net(net, x, progress=False)
+    gluonq.save_quantized(a, str(tmp_path / 'a'))
+    gluonq.save_quantized(b, str(tmp_path / 'b'))
+    for ext in ('.params', '.json'):
+        assert filecmp.cmp(str(tmp_path / ('a' + ext)), str(tmp_path / ('b' + ext)),
+                           shallow=False)
+    side = json.load(open(str(tmp_path / 'a.json')))
+    assert side['versions']['mxnet'] == mx.__version__ and side['calibration']['mode'] == 'naive'
+    assert side['qparams']
+    loaded = gluonq.load_quantized(str(tmp_path / 'a'))
+    np.testing.assert_array_equal(loaded(mx.nd.array(x)).asnumpy(), a(mx.nd.array(x)).asnumpy())
+    with pytest.raises(FileExistsError, match='refusing to overwrite'):
+        gluonq.save_quantized(a, str(tmp_path / 'a'))
+    gluonq.save_quantized(a, str(tmp_path / 'a'), overwrite=True)
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    net, x = _branchy()
+    q = gluonq.quantize_net(net, x, progress=False)
+
+    def broken(*args, **kwargs):
+        raise IOError('disk full')
+    monkeypatch.setattr(json, 'dump', broken)
+    with pytest.raises(IOError, match='disk full'):
+        gluonq.save_quantized(q, str(tmp_path / 'q'))
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_load_quantized_errors(tmp_path):
+    net, x = _branchy()
+    q = gluonq.quantize_net(net, x, progress=False)
+    gluonq.save_quantized(q, str(tmp_path / 'q'))
+    with pytest.raises(FileNotFoundError, match='not found'):
+        gluonq.load_quantized(str(tmp_path / 'missing'))
+    side = json.load(open(str(tmp_path / 'q.json')))
+    side['steps'] = side['steps'][:-1]
+    side['outputs'] = [side['steps'][-1]['outputs'][0]]
+    json.dump(side, open(str(tmp_path / 'q.json'), 'w'))
+    with pytest.raises(CheckpointError, match='unexpected'):
+        gluonq.load_quantized(str(tmp_path / 'q'))
+    open(str(tmp_path / 'q.json'), 'w').write('{"format": "something"}')
+    with pytest.raises(CheckpointError, match='not a gluonq checkpoint'):
+        gluonq.load_quantized(str(tmp_path / 'q'))
+
+
+ZOO = [('cifar_resnet20_v1', 32), ('cifar_resnet20_v2', 32), ('resnet18_v1', 64),
+       ('resnet18_v2', 64), ('mobilenet0.25', 64), ('mobilenetv2_0.25', 64),
+       ('vgg11_bn', 32), ('squeezenet1.1', 224), ('densenet121', 224)]
+
+
+@pytest.mark.parametrize('name,size', ZOO)
+def test_gluoncv_model_zoo_converts(name, size):
+    from gluoncv.model_zoo import get_model
+    mx.random.seed(0)
+    net = get_model(name, classes=10, pretrained=False)
+    net.initialize(mx.init.MSRAPrelu())            # keeps activations from vanishing
+    rng = np.random.RandomState(0)
+    x = rng.rand(8 if size < 224 else 2, 3, size, size).astype(np.float32)
+    q = gluonq.quantize_net(net, x, progress=False)
+    int8 = [r for r in q.report if r['kind'].startswith('int8')]
+    floats = [r for r in q.report if r['kind'] == 'float']
+    assert len(int8) >= 5 and not floats, floats
+    yf, yq = net(mx.nd.array(x)).asnumpy(), q(mx.nd.array(x)).asnumpy()
+    assert yq.shape == yf.shape and np.all(np.isfinite(yq))
+    assert quant.sqnr_db(yf, yq) > 10
+
+
+def test_symbolblock_import_converts(tmp_path):
+    """Users quantize imported models: a SymbolBlock from an export."""
+    net = M.build('tiny')
+    net.initialize(mx.init.Xavier())
+    x = np.random.RandomState(0).rand(16, 1, 32, 32).astype(np.float32)
+    net.hybridize()
+    net(mx.nd.array(x))
+    net.export(str(tmp_path / 'tiny'))
+    imported = mx.gluon.SymbolBlock.imports(str(tmp_path / 'tiny-symbol.json'), ['data'],
+                                            str(tmp_path / 'tiny-0000.params'))
+    q = gluonq.quantize_net(imported, x, progress=False)
+    assert quant.sqnr_db(net(mx.nd.array(x)).asnumpy(), q(mx.nd.array(x)).asnumpy()) > 20
