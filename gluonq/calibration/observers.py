@@ -14,9 +14,10 @@ Use them like PyTorch's: ``obs.observe(x)`` for every calibration batch, then
 The histogram observers keep an exact histogram of ``|x|`` (fixed bin width; bins are added as
 larger values arrive and merged in pairs past ``max_bins``), so the result does not depend on
 how the data was batched, only on its order. Every threshold is checked against the
-histogram: a method whose range has more than ``guard_ratio`` times the expected squared error
-of the plain min/max range is overruled by the MSE-optimal range, and ``fallback`` says why.
-This is the guard against a calibrator that silently destroys a model.
+histogram: a method whose range clips more than a small fraction of the values *and* has
+several times the expected squared error of the plain min/max range is overruled by the
+MSE-optimal range, and ``fallback`` says why. This is the guard against a calibrator that
+silently destroys a model.
 """
 from __future__ import annotations
 
@@ -136,13 +137,17 @@ class HistogramObserver(Observer):
         Number of bins the first non-zero batch's range is split into (sets the bin width).
     max_bins : int
         When more bins are needed for larger values, neighbouring bins are merged in pairs.
-    guard_ratio : float
-        A threshold whose expected squared error exceeds ``guard_ratio`` times that of the
-        plain max range is replaced by the MSE-optimal threshold (see ``fallback``).
+    guard_ratio, max_clipped : float
+        A threshold that clips more than ``max_clipped`` of the non-zero values *and* has an
+        expected squared error above ``guard_ratio`` times that of the plain max range is
+        replaced by the MSE-optimal threshold (see ``fallback``). Clipping a few outliers
+        (what entropy and percentile calibration are for) passes; clipping the body of a
+        distribution does not.
     """
 
-    def __init__(self, bins=2048, max_bins=16384, guard_ratio=2.0, **kwargs):
+    def __init__(self, bins=2048, max_bins=16384, guard_ratio=4.0, max_clipped=1e-3, **kwargs):
         super().__init__(**kwargs)
+        self.max_clipped = float(max_clipped)
         self.bins = int(bins)
         self.max_bins = int(max_bins)
         self.guard_ratio = float(guard_ratio)
@@ -210,6 +215,12 @@ class HistogramObserver(Observer):
         err = np.where(inside, rounding * rounding, (x - t) ** 2)
         return (err * cnt).sum(axis=(1, 2))
 
+    def clipped_fraction(self, threshold):
+        """Fraction of the non-zero values above ``threshold``."""
+        total = self.hist.sum()
+        k = int(np.floor(threshold / self.width))
+        return float(self.hist[k + 1:].sum()) / total if total else 0.0
+
     def _mse_threshold(self):
         ks = self._candidates()
         errs = self.expected_sq_error(ks * self.width)
@@ -227,12 +238,14 @@ class HistogramObserver(Observer):
         th = min(self._threshold(), top)
         self.fallback = None
         err_th, err_max = self.expected_sq_error([th, top])
-        if err_th > self.guard_ratio * err_max:
+        clipped = self.clipped_fraction(th)
+        if clipped > self.max_clipped and err_th > self.guard_ratio * err_max:
             mse_th = self._mse_threshold()
-            self.fallback = ('%s threshold %.4g gives %.1fx the squared error of the plain '
-                             'range %.4g; used the MSE-optimal threshold %.4g instead'
-                             % (type(self).__name__, th, err_th / max(err_max, 1e-300), top,
-                                mse_th))
+            self.fallback = ('%s threshold %.4g clips %.2g%% of the values and gives %.1fx the '
+                             'squared error of the plain range %.4g; used the MSE-optimal '
+                             'threshold %.4g instead'
+                             % (type(self).__name__, th, 100 * clipped,
+                                err_th / max(err_max, 1e-300), top, mse_th))
             th = mse_th
         if self.resolved_dtype == 'uint8':
             return 0.0, th
@@ -276,25 +289,37 @@ class EntropyObserver(HistogramObserver):
         for k in self._candidates():
             if k < levels:
                 continue
-            p = hist[:k].copy()
-            p[-1] += hist[k:].sum()
-            if p.sum() == 0:
-                continue
+            sliced = hist[:k]
+            p = sliced.copy()
+            p[-1] += hist[k:].sum()               # the clipped tail lands in the last bin
+            nonzero = p > 0
             idx = np.minimum((np.arange(k) * levels) // k, levels - 1)
-            nonzero = hist[:k] > 0
-            group_sum = np.bincount(idx, weights=hist[:k], minlength=levels)
+            group_sum = np.bincount(idx, weights=sliced, minlength=levels)
             group_cnt = np.bincount(idx, weights=nonzero.astype(np.float64), minlength=levels)
             q = np.where(nonzero, group_sum[idx] / np.maximum(group_cnt[idx], 1), 0.0)
-            ps = p / p.sum()
-            qs = q / max(q.sum(), 1e-300)
-            mask = ps > 0
-            # a bin with mass in P and none in Q makes KL infinite: this candidate loses
-            if np.any(qs[mask] == 0):
-                continue
-            kl = float(np.sum(ps[mask] * np.log(ps[mask] / qs[mask])))
+            kl = _kl_divergence(p, q)
             if kl < best_kl:
                 best_kl, best_k = kl, k
         return float(best_k * self.width)
+
+
+def _smooth(p, eps=1e-4):
+    """Move a little mass onto the empty bins so that KL stays finite (as MXNet does)."""
+    zeros = p == 0
+    n_zero, n_nonzero = int(zeros.sum()), int((~zeros).sum())
+    if n_nonzero == 0:
+        return None
+    eps1 = eps * n_zero / n_nonzero
+    return np.where(zeros, eps, p - eps1)
+
+
+def _kl_divergence(p, q):
+    """KL(P || Q) of two count histograms, smoothed on the counts as MXNet does."""
+    ps, qs = _smooth(p), _smooth(q)
+    if ps is None or qs is None or np.any(ps <= 0) or np.any(qs <= 0):
+        return np.inf
+    ps, qs = ps / ps.sum(), qs / qs.sum()
+    return float(np.sum(ps * np.log(ps / qs)))
 
 
 class MSEObserver(HistogramObserver):
