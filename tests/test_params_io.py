@@ -114,8 +114,12 @@ def test_bad_inputs_name_the_block():
     with pytest.raises(ValueError, match=r'range \[0, 2\] but the layer was calibrated for '
                                          r'\[0, 1\]'):
         q(other(mx.nd.ones((1, 2, 5, 5))))
-    with pytest.raises(mx.base.MXNetError):
+    with pytest.raises(ValueError, match="'myconv'.*NCHW input with 2 channels, got shape"):
         q(mx.nd.ones((1, 3, 5, 5)))                     # wrong channel count
+    d = qnn.QuantizedDense(4, in_units=6, prefix='fc_')
+    d.initialize()
+    with pytest.raises(ValueError, match="'fc'.*has 5 features, the layer takes in_units=6"):
+        d(mx.nd.ones((2, 5)))
     with pytest.raises(ValueError, match='uint8 needs a range with min >= 0'):
         qnn.QuantizedDense(3, in_range=(-1, 1), in_dtype='uint8')
     with pytest.raises(ValueError, match='min <= max'):

@@ -325,6 +325,8 @@ class QuantizedLayer(QuantizedBlock):
         range (dynamic); a quantized input is used as it is.
         """
         qt = as_qtensor(x)
+        if F is mx.nd:
+            self._check_input_shape((qt.data if qt is not None else x).shape)
         if qt is not None:
             self._check_qtensor(F, qt, self._in_dtype)
             if self.is_static:
@@ -379,6 +381,9 @@ class QuantizedLayer(QuantizedBlock):
     def _channel_bcast_shape(self):
         """Shape that broadcasts a per-channel vector over the accumulator."""
         raise NotImplementedError
+
+    def _check_input_shape(self, shape):
+        """Eager-mode check of the input shape against the weight (subclasses)."""
 
     def _quant_repr(self):
         src = 'dynamic' if self._in_q is None else '[%g, %g]' % (self._in_q.min, self._in_q.max)

@@ -67,6 +67,14 @@ class QuantizedDense(QuantizedLayer):
     def _channel_bcast_shape(self):
         return (1, -1) if self._flatten else (-1,)
 
+    def _check_input_shape(self, shape):
+        in_units = self.weight.shape[1]
+        got = int(np.prod(shape[1:])) if self._flatten else shape[-1]
+        if in_units and got != in_units:
+            raise ValueError('%s %r: input of shape %s has %d features, the layer takes '
+                             'in_units=%d' % (type(self).__name__, self.name, shape, got,
+                                              in_units))
+
     def __repr__(self):
         shape = self.weight.shape
         return '{name}({i} -> {o}, {act}, {q})'.format(

@@ -74,6 +74,14 @@ class _QuantizedConv(QuantizedLayer):
     def _channel_bcast_shape(self):
         return (1, -1) + (1,) * len(self._kwargs['kernel'])
 
+    def _check_input_shape(self, shape):
+        nd = len(self._kwargs['kernel'])
+        cin = self.weight.shape[1] * self._kwargs['num_group']
+        if len(shape) != nd + 2 or (cin and shape[1] != cin):
+            raise ValueError('%s %r: expected a %s input with %s channels, got shape %s'
+                             % (type(self).__name__, self.name, self._kwargs['layout'],
+                                cin or 'any', shape))
+
     def __repr__(self):
         s = '{name}({mapping}, kernel_size={kernel}, stride={stride}'
         nd = len(self._kwargs['kernel'])
