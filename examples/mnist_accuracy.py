@@ -24,12 +24,13 @@ import gluonq  # noqa: E402
 from gluonq import quant  # noqa: E402
 
 CACHE = os.path.join(M.ROOT, '.cache')
-# model -> (build kwargs, train kwargs); one epoch each
+# model -> (build kwargs, train kwargs): SGD + Nesterov, warmup + cosine (fp32 top-1 reached:
+# resnet20 99.26, mobilenet0.25 99.13, mobilenetv2_0.25 98.62, incres 99.24)
 RECIPES = {
     'resnet20': ({}, dict(epochs=1, batch_size=128, lr=0.2, wd=5e-4)),
-    'mobilenet0.25': ({}, dict(epochs=1, batch_size=128, lr=0.1, wd=4e-5)),
-    'mobilenetv2_0.25': ({}, dict(epochs=1, batch_size=128, lr=0.05, wd=4e-5)),
-    'incres': ({'width': 32}, dict(epochs=1, batch_size=128, lr=0.1, wd=5e-4)),
+    'mobilenet0.25': ({}, dict(epochs=2, batch_size=128, lr=0.2, wd=5e-4)),
+    'mobilenetv2_0.25': ({}, dict(epochs=2, batch_size=128, lr=0.1, wd=1e-4)),
+    'incres': ({'width': 32}, dict(epochs=1, batch_size=128, lr=0.2, wd=5e-4)),
 }
 MODES = ['naive', 'entropy', 'percentile', 'mse']
 BUILTIN_MODES = ('naive', 'entropy')
