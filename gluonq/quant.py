@@ -87,6 +87,35 @@ def scale_from_range(lo, hi, dtype):
     return scale_from_max(max(abs(float(lo)), abs(float(hi))), dtype)
 
 
+#: MXNet's own range constants (``kInt8Range``, ``kUint8Range``): its fused int8 kernels and
+#: ``quantize_v2`` take ``Q' / R`` integer steps per real unit for a range magnitude ``R``.
+MX_QRANGE = {'int8': 127.5, 'uint8': 255.5}
+
+
+def snap_range_max(m, dtype, window=64):
+    """The float32 range magnitude nearest ``m`` (a few ulps) whose inverse scale
+    ``f32(Q / m)`` MXNet can express as ``f32(Q' / R)`` for some float32 ``R``.
+
+    Division by a float32 skips some results, so about 1 range in 7 has no such ``R``; moving
+    the range by an ulp or two (far below calibration noise) lets the fused kernels of the
+    fast path (``gluonq.lower``) use exactly gluonq's scales.
+    """
+    q, qm = np.float32(QRANGE[dtype]), np.float32(MX_QRANGE[dtype])
+    m0 = np.float32(m)
+    bits = np.array([m0]).view(np.int32)[0]
+    for k in range(window + 1):
+        for cand_bits in ((bits + k, bits - k) if k else (bits,)):
+            cand = np.array([cand_bits], np.int32).view(np.float32)[0]
+            if not np.isfinite(cand) or cand <= 0:
+                continue
+            inv = np.float32(q / cand)
+            r0 = np.array([np.float32(qm / inv)]).view(np.int32)[0]
+            rs = np.arange(r0 - 2, r0 + 3, dtype=np.int32).view(np.float32)
+            if np.any((qm / rs).astype(np.float32) == inv):
+                return float(cand)
+    return float(m0)
+
+
 class QParams:
     """Quantization parameters of one activation tensor: dtype and real range.
 
@@ -97,8 +126,7 @@ class QParams:
 
     def __init__(self, dtype, lo, hi):
         self.dtype = dtype_for_range(lo, hi, dtype)
-        m = max(abs(float(lo)), abs(float(hi)), EPS_RANGE)
-        m = float(np.float32(m))
+        m = snap_range_max(max(abs(float(lo)), abs(float(hi)), EPS_RANGE), self.dtype)
         self.min = 0.0 if self.dtype == 'uint8' else -m
         self.max = m
 

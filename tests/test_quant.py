@@ -161,3 +161,18 @@ class TestMXNetQuirks:
         out = mx.nd.contrib.quantized_act(q, mx.nd.array([0.0]), mx.nd.array([1.0]),
                                           act_type='relu')[0]
         assert out.dtype == np.int8 and out.asscalar() == -56
+
+
+def test_ranges_are_snapped_to_values_mxnet_can_express():
+    """Every QParams range has a float32 MXNet range R with f32(Q'/R) == gluonq's f32(Q/M)."""
+    rng = np.random.RandomState(5)
+    for m in rng.rand(300) * 20:
+        for dt in ('int8', 'uint8'):
+            qp = quant.QParams(dt, -m if dt == 'int8' else 0.0, m)
+            assert abs(qp.max / np.float32(m) - 1) < 1e-5
+            inv = quant.inv_scale_np(qp.min, qp.max, dt)
+            qm = np.float32(quant.MX_QRANGE[dt])
+            r0 = np.array([np.float32(qm / inv)]).view(np.int32)[0]
+            rs = np.arange(r0 - 2, r0 + 3, dtype=np.int32).view(np.float32)
+            assert np.any((qm / rs).astype(np.float32) == inv)
+            assert quant.QParams(dt, qp.min, qp.max) == qp            # idempotent
