@@ -92,15 +92,26 @@ def scale_from_range(lo, hi, dtype):
 MX_QRANGE = {'int8': 127.5, 'uint8': 255.5}
 
 
-def snap_range_max(m, dtype, window=64):
+def _mx_expressible(inv, mx_dtype):
+    """Is there a float32 ``R`` with ``f32(Q' / R) == inv`` (Q' of ``mx_dtype``)?"""
+    qm = np.float32(MX_QRANGE[mx_dtype])
+    r0 = np.array([np.float32(qm / inv)]).view(np.int32)[0]
+    rs = np.arange(r0 - 2, r0 + 3, dtype=np.int32).view(np.float32)
+    return bool(np.any((qm / rs).astype(np.float32) == inv))
+
+
+def snap_range_max(m, dtype, window=256):
     """The float32 range magnitude nearest ``m`` (a few ulps) whose inverse scale
     ``f32(Q / m)`` MXNet can express as ``f32(Q' / R)`` for some float32 ``R``.
 
     Division by a float32 skips some results, so about 1 range in 7 has no such ``R``; moving
-    the range by an ulp or two (far below calibration noise) lets the fused kernels of the
-    fast path (``gluonq.lower``) use exactly gluonq's scales.
+    the range by a few ulps (far below calibration noise) lets the fused kernels of the fast
+    path (``gluonq.lower``) use exactly gluonq's scales. An int8 range is made expressible in
+    MXNet's uint8 convention too, because a ReLU'd int8 tensor (values 0..127) is typed uint8
+    there.
     """
-    q, qm = np.float32(QRANGE[dtype]), np.float32(MX_QRANGE[dtype])
+    q = np.float32(QRANGE[dtype])
+    conventions = ('int8', 'uint8') if dtype == 'int8' else ('uint8',)
     m0 = np.float32(m)
     bits = np.array([m0]).view(np.int32)[0]
     for k in range(window + 1):
@@ -109,9 +120,7 @@ def snap_range_max(m, dtype, window=64):
             if not np.isfinite(cand) or cand <= 0:
                 continue
             inv = np.float32(q / cand)
-            r0 = np.array([np.float32(qm / inv)]).view(np.int32)[0]
-            rs = np.arange(r0 - 2, r0 + 3, dtype=np.int32).view(np.float32)
-            if np.any((qm / rs).astype(np.float32) == inv):
+            if all(_mx_expressible(inv, c) for c in conventions):
                 return float(cand)
     return float(m0)
 
@@ -200,7 +209,8 @@ def quantize_weight(w, per_channel=True, axis=0):
 
     ``scale`` is max|w| / 127 over the whole tensor, or per slice along ``axis`` (the output
     channel) when ``per_channel``; rounding is half away from zero. An all-zero slice gets
-    scale ``EPS_RANGE / 127`` and zero integers.
+    zero integers and scale 1/127 (any scale multiplies zeros; a normal one keeps the int32
+    bias ``b / (s_in * s_w)`` of such a channel in range).
 
     Per channel, the float32 scale is the one nearest max|w| / 127 (within 0.3%) for which
     oneDNN's fused int8 kernels, which re-derive int8 weights from float images
@@ -210,7 +220,7 @@ def quantize_weight(w, per_channel=True, axis=0):
     w = np.asarray(w, dtype=np.float32)
     wc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
     max_abs = np.max(np.abs(wc), axis=1) if wc.size else np.zeros(wc.shape[0])
-    scale = scale_from_max(max_abs, 'int8')
+    scale = scale_from_max(np.where(max_abs > 0, max_abs, 1.0), 'int8')
     if per_channel:
         scale = _fused_exact_scales(wc, scale)
     q = _quantize_rows(wc, scale)
@@ -233,7 +243,8 @@ def _good_mantissas():
     """Mantissa bits of the float32 ``m`` for which ``f32(m * f32(127.5 / m)) < 127.5``.
 
     For such ``m``, oneDNN maps a weight image ``-m`` to -127 (not -128). The property only
-    depends on the mantissa (scaling by 2 cancels); about 0.4% of mantissas have it.
+    depends on the mantissa (scaling by 2 cancels); a minority of mantissas have it, unevenly
+    spread over the binade.
     """
     global _GOOD_MANTISSAS
     if _GOOD_MANTISSAS is None:
@@ -257,36 +268,31 @@ def _fused_exact_scales(wc, s0):
     """Per-channel float32 scales near ``s0`` whose weights re-derive exactly in oneDNN.
 
     A channel whose largest-magnitude weight is negative (no +127) needs
-    ``m = f32(127.5 * s)`` from a small set of float32 values: the nearest one within 0.3%
-    of ``s0`` is taken (its largest weight still maps to -127).
+    ``m = f32(127.5 * s)`` from the float32 values of :func:`_good_mantissas`: the nearest
+    one within 0.3% of ``s0`` (in this binade or a neighbouring one) is taken; its largest
+    weight still maps to -127.
     """
     scale = s0.astype(np.float32).copy()
-    todo = np.flatnonzero(~_fused_rederive_ok(wc, scale))
-    if todo.size == 0:
-        return scale
     good = _good_mantissas()
-    m0 = (np.float32(127.5) * scale[todo]).astype(np.float32)
-    bits = m0.view(np.uint32).astype(np.int64)
-    mant, expo = bits & 0x7FFFFF, bits & ~0x7FFFFF
-    idx = np.searchsorted(good, mant)
-    for rank in range(16):                  # nearest good mantissas first, both sides
-        if todo.size == 0:
-            break
-        off = (rank + 1) // 2 * (1 if rank % 2 else -1)
-        j = np.clip(idx + off, 0, len(good) - 1)
-        m = (expo | good[j]).astype(np.uint32).view(np.float32)
-        cand = (m / np.float32(127.5)).astype(np.float32)
-        for _ in range(3):                  # make f32(127.5 * cand) == m exactly
-            t = (np.float32(127.5) * cand).astype(np.float32)
-            cand = np.where(t < m, np.nextafter(cand, np.float32(np.inf)),
-                            np.where(t > m, np.nextafter(cand, np.float32(0)), cand))
-        close = np.abs(cand / scale[todo] - 1) <= 3e-3
-        trial = scale.copy()
-        trial[todo] = np.where(close, cand, scale[todo])
-        ok = close & _fused_rederive_ok(wc[todo], trial[todo])
-        scale[todo[ok]] = trial[todo[ok]]
-        keep = ~ok
-        todo, idx, expo = todo[keep], idx[keep], expo[keep]
+    for c in np.flatnonzero(~_fused_rederive_ok(wc, scale)):
+        m0 = np.float32(np.float32(127.5) * scale[c])
+        bits = int(np.array([m0]).view(np.uint32)[0])
+        expo, mant = bits & ~0x7FFFFF, bits & 0x7FFFFF
+        i = int(np.searchsorted(good, mant))
+        cand_bits = np.concatenate([expo - (1 << 23) + good[-16:],
+                                    expo + good[max(0, i - 16):i + 16],
+                                    expo + (1 << 23) + good[:16]])
+        ms = cand_bits.astype(np.uint32).view(np.float32)
+        for m in ms[np.argsort(np.abs(ms.astype(np.float64) - float(m0)))]:
+            s = np.float32(m / np.float32(127.5))
+            for _ in range(3):                  # make f32(127.5 * s) == m exactly
+                t = np.float32(np.float32(127.5) * s)
+                s = np.nextafter(s, np.float32(np.inf)) if t < m else \
+                    (np.nextafter(s, np.float32(0)) if t > m else s)
+            if abs(s / scale[c] - 1) <= 3e-3 and \
+                    _fused_rederive_ok(wc[c:c + 1], np.array([s], np.float32))[0]:
+                scale[c] = s
+                break
     return scale
 
 
@@ -320,17 +326,26 @@ def quantize_bias(b, s_in, s_w):
     return np.clip(q, lo, hi).astype(np.int32)
 
 
-def requantize_np(terms, dtype, relu=False):
+def requantize_np(terms, dtype, relu=False, fused_sum=False):
     """Reference requantize: ``saturate(round_half_even(sum(float32(q) * m) [relu]))``.
 
     ``terms`` are ``(q, multiplier)`` pairs (multipliers float32, broadcastable); for a layer
     the terms are the int32 accumulator with ``m = s_x * s_w / s_y`` per channel and, with a
-    fused residual ``r``, ``q_r`` with ``s_r / s_y``. Float32 arithmetic in oneDNN's order.
+    fused residual ``r``, ``q_r`` with ``s_r / s_y``. Float32 arithmetic in oneDNN's order:
+    each term is rounded to float32 and the terms are added in float32, except that with
+    ``fused_sum`` the later terms are added to the first with one rounding, as oneDNN's
+    fused residual sum (a fused multiply-add) does.
     """
-    y = None
-    for q, m in terms:
-        t = (np.asarray(q).astype(np.float32) * np.asarray(m, np.float32)).astype(np.float32)
-        y = t if y is None else (y + t).astype(np.float32)
+    y = (np.asarray(terms[0][0]).astype(np.float32) *
+         np.asarray(terms[0][1], np.float32)).astype(np.float32)
+    for q, m in terms[1:]:
+        if fused_sum:
+            y = (y.astype(np.float64) + np.asarray(q).astype(np.float64) *
+                 np.asarray(m, np.float32).astype(np.float64)).astype(np.float32)
+        else:
+            t = (np.asarray(q).astype(np.float32) * np.asarray(m, np.float32)).astype(
+                np.float32)
+            y = (y + t).astype(np.float32)
     if relu:
         y = np.maximum(y, np.float32(0))
     lo, hi = QBOUNDS[dtype]
@@ -415,15 +430,21 @@ def round_half_even_f(F, y):
     return (y + _RNE_MAGIC) - _RNE_MAGIC
 
 
-def requantize_f(F, terms, dtype, relu=False):
+def requantize_f(F, terms, dtype, relu=False, fused_sum=False):
     """Integer terms -> int8/uint8 output (see ``requantize_np``); saturates, never wraps.
 
-    ``terms`` are ``(q, multiplier)`` pairs, multipliers broadcastable against ``q``.
+    ``terms`` are ``(q, multiplier)`` pairs, multipliers broadcastable against ``q``. With
+    ``fused_sum`` the later terms are added in float64 and rounded once (the product of an
+    8-bit integer and a float32 is exact there), which is oneDNN's fused multiply-add.
     """
-    y = None
-    for q, m in terms:
-        t = F.broadcast_mul(F.cast(q, 'float32'), m)
-        y = t if y is None else y + t
+    q0, m0 = terms[0]
+    y = F.broadcast_mul(F.cast(q0, 'float32'), m0)
+    for q, m in terms[1:]:
+        if fused_sum:
+            t = F.broadcast_mul(F.cast(q, 'float64'), F.cast(m, 'float64'))
+            y = F.cast(F.broadcast_add(F.cast(y, 'float64'), t), 'float32')
+        else:
+            y = F.broadcast_add(y, F.broadcast_mul(F.cast(q, 'float32'), m))
     if relu:
         y = F.relu(y)
     lo, hi = QBOUNDS[dtype]

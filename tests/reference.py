@@ -74,7 +74,7 @@ def layer_forward(layer, x, kind, geometry=None, residual=None):
     if residual is not None:
         rq, rqp = residual
         terms.append((rq, np.float32(inv_out / quant.inv_scale_np(rqp.min, rqp.max, rqp.dtype))))
-    return quant.requantize_np(terms, qp_out.dtype, relu=relu), qp_out
+    return quant.requantize_np(terms, qp_out.dtype, relu=relu, fused_sum=True), qp_out
 
 
 def error_bound(w_float, x_float, qp_in, w_scale, kind, geometry=None, bias_scale=None):

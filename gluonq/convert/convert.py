@@ -120,11 +120,20 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
 
 
 def _propagate_qparams(units, producer, qparams):
-    """Ranges of pass-through outputs, and concat inputs that share the output's range."""
+    """Ranges of pass-through outputs, concat inputs that share the output's range, and
+    ReLU'd residual layers with a signed operand."""
     for u in units:
         if not u.is_int8:
             continue
-        if u.kind in ('pool', 'flatten', 'relu'):
+        if u.kind in ('conv', 'dense') and u.residual is not None and u.act == 'relu' and \
+                u.output in qparams and qparams[u.output].dtype == 'uint8' and \
+                qparams[u.residual].dtype == 'int8':
+            # relu(conv(x) + r) with a signed r: the output is held as int8 (0..127), one bit
+            # less, because oneDNN's fused sum computes in the operand's dtype and saturates
+            # at 127 (MXNet's own int8 flow silently clips such outputs at half range)
+            out = qparams[u.output]
+            qparams[u.output] = quant.QParams('int8', -out.max, out.max)
+        elif u.kind in ('pool', 'flatten', 'relu'):
             qparams[u.output] = qparams[u.inputs[0]]
         elif u.kind == 'concat':
             out = qparams[u.output]

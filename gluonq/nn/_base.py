@@ -155,7 +155,7 @@ class QuantizedBlock(HybridBlock):
         """'float32', 'int8' or 'uint8'."""
         return self._out_dtype
 
-    def _output(self, F, terms, params, relu, float_act=None):
+    def _output(self, F, terms, params, relu, float_act=None, fused_sum=False):
         """Combine integer terms into the block's output.
 
         ``terms`` are ``(q, invs)``: integers and the list of inverse scales (steps per real
@@ -170,7 +170,7 @@ class QuantizedBlock(HybridBlock):
                 for f in invs[1:]:
                     inv = F.broadcast_mul(inv, f)
                 t = F.broadcast_div(F.cast(q, 'float32'), inv)
-                y = t if y is None else y + t
+                y = t if y is None else F.broadcast_add(y, t)
             if self._out_dtype == 'float32':
                 if float_act is not None:
                     y = F.Activation(y, act_type=float_act)
@@ -187,7 +187,8 @@ class QuantizedBlock(HybridBlock):
             for f in invs:
                 m = F.broadcast_div(m, f)
             qterms.append((q, m))
-        return QTensor(quant.requantize_f(F, qterms, self._out_dtype, relu=relu), lo, hi)
+        return QTensor(quant.requantize_f(F, qterms, self._out_dtype, relu=relu,
+                                          fused_sum=fused_sum), lo, hi)
 
     def _out_repr(self):
         if self._out_dtype == 'float32':
@@ -372,11 +373,11 @@ class QuantizedLayer(QuantizedBlock):
             if rq is None and self._out_dtype != 'float32':
                 raise self._type_error('with int8 output the residual input must be a QTensor')
             if rq is None:
-                y = self._output(F, terms, params, relu=False) + residual
+                y = F.broadcast_add(self._output(F, terms, params, relu=False), residual)
                 return F.Activation(y, act_type=self._act_type) if self._act_type else y
             terms.append((rq.data, [quant.inv_scale_f(F, rq.min, rq.max, 'auto')]))
         return self._output(F, terms, params, relu=self._act_type == 'relu',
-                            float_act=self._act_type)
+                            float_act=self._act_type, fused_sum=True)
 
     def _channel_bcast_shape(self):
         """Shape that broadcasts a per-channel vector over the accumulator."""

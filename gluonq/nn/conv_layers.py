@@ -68,7 +68,7 @@ class _QuantizedConv(QuantizedLayer):
                 part = F.Convolution(F.slice_axis(xf, axis=1, begin=c0, end=c1),
                                      F.slice_axis(wf, axis=1, begin=c0, end=c1), **kw)
             part = F.cast(part, 'int32')        # exact: an integer below 2**24
-            acc = part if acc is None else acc + part
+            acc = part if acc is None else F.broadcast_add(acc, part)
         return self._epilogue(F, acc, inv_in, params, residual)
 
     def _channel_bcast_shape(self):
