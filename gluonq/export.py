@@ -7,6 +7,8 @@
 * ``export_compact(qnet, prefix)`` writes symbol JSON + ``.params`` for stock
   MXNet (``SymbolBlock.imports`` or ``mx.mod.Module``): gluonq's own int8 chain, int8 weights
   on disk.
+* ``export_fast(qnet, prefix)`` writes the same pair for the fast path
+  (:mod:`gluonq.lower`): oneDNN's fused int8 kernels, fp32 weight images on disk.
 
 Every writer refuses to replace an existing file unless ``overwrite=True``, writes to a
 temporary file in the same folder and renames it into place, so a failure leaves nothing
@@ -23,8 +25,8 @@ import mxnet as mx
 
 from .convert.qnet import QuantizedNet
 
-__all__ = ['save_quantized', 'load_quantized', 'export_compact', 'atomic_outputs',
-           'CheckpointError']
+__all__ = ['save_quantized', 'load_quantized', 'export_compact', 'export_fast',
+           'atomic_outputs', 'CheckpointError']
 
 FORMAT = 'gluonq.QuantizedNet'
 
@@ -139,4 +141,21 @@ def export_compact(qnet, prefix, overwrite=False):
         with open(tmp_sym, 'w') as f:
             f.write(out.tojson())
         mx.nd.save(tmp_params, arrays)
+    return sym_path, params_path
+
+
+def export_fast(qnet, prefix, overwrite=False, exact=False, int8_weights=False):
+    """Symbol JSON + .params of the fast path (:func:`gluonq.lower.lower`) for stock MXNet.
+
+    Writes ``prefix-symbol.json`` and ``prefix-0000.params`` (fp32 weight images that
+    oneDNN's fused int8 kernels re-quantize into gluonq's int8 weights); they load with
+    ``mx.gluon.SymbolBlock.imports(json, ['data'], params)`` or ``mx.mod.Module`` without
+    gluonq. ``exact`` and ``int8_weights`` (int8 weights on disk, fp32 images computed in
+    the graph at every call) are passed to :func:`gluonq.lower.lower`.
+    """
+    from .lower import lower
+    sym_path, params_path = prefix + '-symbol.json', prefix + '-0000.params'
+    low = lower(qnet, exact=exact, int8_weights=int8_weights)
+    with atomic_outputs([sym_path, params_path], overwrite) as (tmp_sym, tmp_params):
+        low.save(tmp_sym, tmp_params)
     return sym_path, params_path

@@ -70,6 +70,15 @@ class FloatOp(HybridBlock):
         return 'FloatOp(%s)' % self._op
 
 
+class _FastState:
+    """What the fast path of a QuantizedNet holds (see ``QuantizedNet.hybridize``)."""
+    __slots__ = ('on', 'exact', 'kwargs', 'block', 'lowered')
+
+    def __init__(self, on, exact, kwargs):
+        self.on, self.exact, self.kwargs = on, exact, kwargs
+        self.block = self.lowered = None
+
+
 class QuantizedNet(HybridBlock):
     """A converted network: float inputs, float outputs, int8 inside.
 
@@ -111,6 +120,67 @@ class QuantizedNet(HybridBlock):
     def qparams(self):
         """Quantization parameters of every int8 tensor: ``{tensor: QParams dict}``."""
         return copy.deepcopy(self._spec.get('qparams', {}))
+
+    # -- the fast path ---------------------------------------------------------------------
+    def hybridize(self, active=True, fast=True, exact=False, **kwargs):
+        """Hybridize; by default onto oneDNN's fused int8 kernels (the fast path).
+
+        ``fast=True``: calls on NDArrays run the graph of :func:`gluonq.lower.lower` (fused
+        int8 convolutions and dense layers, int8 between layers) as a SymbolBlock hybridized
+        with ``static_alloc``/``static_shape`` (and ``kwargs``). It is built at the first call
+        and rebuilt after the parameters change (``load_parameters``, ``set_data``).
+        ``exact`` is passed to :func:`gluonq.lower.lower`. Symbolic calls (export) still
+        trace the reference chain. ``fast=False``: Gluon's hybridize of the reference chain.
+        """
+        # not a Block attribute (it would register the SymbolBlock as a child) nor a
+        # container of Blocks (Gluon warns about those)
+        self._fast = _FastState(bool(active and fast), exact, dict(kwargs))
+        super().hybridize(active and not fast, **kwargs)
+
+    def forward(self, x, *args):
+        fast = getattr(self, '_fast', None)
+        if fast is not None and fast.on and isinstance(x, mx.nd.NDArray):
+            return self.fast_block()(x, *args)
+        return super().forward(x, *args)
+
+    @property
+    def lowered(self):
+        """The :class:`gluonq.lower.LoweredNet` the fast path runs (None before its build)."""
+        fast = getattr(self, '_fast', None)
+        return fast.lowered if fast is not None else None
+
+    def fast_block(self):
+        """The hybridized SymbolBlock of the fast path (built on demand)."""
+        fast = getattr(self, '_fast', None)
+        if fast is None:
+            self.hybridize()
+            fast = self._fast
+        if fast.block is None:
+            from ..lower import lower
+            fast.lowered = lower(self, exact=fast.exact)
+            blk = fast.lowered.block(release=True)
+            hyb = {'static_alloc': True, 'static_shape': True}
+            hyb.update(fast.kwargs)
+            blk.hybridize(**hyb)
+            self._watch_params()
+            fast.block = blk
+        return fast.block
+
+    def _watch_params(self):
+        """Drop the fast graph when a parameter is written (its fp32 images derive from them)."""
+        def stale():
+            fast = getattr(self, '_fast', None)
+            if fast is not None:
+                fast.block = None
+        for p in self.collect_params().values():
+            if getattr(p, '_gluonq_watched', False):
+                continue
+            for meth in ('set_data', '_init_impl'):
+                def wrapped(*a, _orig=getattr(p, meth), **k):
+                    stale()
+                    return _orig(*a, **k)
+                setattr(p, meth, wrapped)
+            p._gluonq_watched = True
 
     def hybrid_forward(self, F, *inputs):
         env = self._run(inputs)

@@ -1,0 +1,294 @@
+"""Inference speed and memory of fp32, MXNet's built-in int8 and gluonq's int8 paths.
+
+One run measures gluoncv models at 224x224 (random weights, the same for every variant):
+
+* ``fp32``          hybridized (static_alloc, static_shape);
+* ``fp32-mkldnn``   hybridized with ``backend='MKLDNN'`` (oneDNN graph fusion);
+* ``builtin``       MXNet's ``quantize_net_v2`` (naive calibration, quantize_mode='full',
+                    quantized_dtype='auto'), exported and reloaded with SymbolBlock.imports;
+* ``gluonq``        ``gluonq.load_quantized`` + ``qnet.hybridize()`` (the fast path);
+* ``fast-export``   ``gluonq.export.export_fast`` reloaded in stock MXNet (no gluonq import);
+* ``int8w-export``  ``export_fast(int8_weights=True)``: int8 weights on disk, fused kernels;
+* ``compact``       ``gluonq.export_compact`` (gluonq's reference chain, int8 on disk).
+
+Every variant runs in its own subprocess (its peak RSS is its memory), variants are
+interleaved and the whole set is repeated ``--rounds`` times; the table shows medians.
+Images/s is the median of ``--runs`` timed calls after ``--warmup`` calls.
+
+    python benchmarks/bench_inference.py                              # everything
+    python benchmarks/bench_inference.py --models resnet18_v1 --batches 1 --rounds 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+MODELS = ['resnet18_v1', 'resnet50_v1', 'mobilenet1.0', 'mobilenetv2_1.0']
+VARIANTS = ['fp32', 'fp32-mkldnn', 'builtin', 'gluonq', 'fast-export', 'int8w-export',
+            'compact']
+SHAPE = (3, 224, 224)
+
+
+# ---------------------------------------------------------------------------------------
+# the float model and calibration data (identical in every process)
+# ---------------------------------------------------------------------------------------
+def build_float(model, workdir):
+    """gluoncv ``model`` with the weights saved in ``workdir`` (created at the first call:
+    Xavier weights, random BatchNorm statistics, seed 0)."""
+    import mxnet as mx
+    import numpy as np
+    from gluoncv.model_zoo import get_model
+    net = get_model(model, pretrained=False)
+    path = os.path.join(workdir, model + '-float.params')
+    if os.path.exists(path):
+        net.load_parameters(path)
+        return net
+    mx.random.seed(0)
+    r = np.random.RandomState(0)
+    net.initialize(mx.init.Xavier(magnitude=2))
+    net(mx.nd.zeros((1,) + SHAPE))
+    for name, p in net.collect_params().items():
+        n = p.shape[0]
+        if name.endswith('running_mean'):
+            p.set_data(mx.nd.array(r.normal(0, 0.1, n)))
+        elif name.endswith('running_var'):
+            p.set_data(mx.nd.array(r.uniform(0.5, 1.5, n)))
+        elif name.endswith('gamma'):
+            p.set_data(mx.nd.array(r.uniform(0.5, 1.5, n)))
+        elif name.endswith('beta'):
+            p.set_data(mx.nd.array(r.normal(0, 0.1, n)))
+    net.save_parameters(path)
+    return net
+
+
+def calib_images(n):
+    import numpy as np
+    return np.random.RandomState(1).uniform(-2, 2, (n,) + SHAPE).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# subprocess jobs
+# ---------------------------------------------------------------------------------------
+def job_convert(model, which, workdir, n_calib):
+    """Convert ``model`` (timed) and write what the variants load."""
+    import logging
+    import mxnet as mx
+    net = build_float(model, workdir)
+    net.hybridize(static_alloc=True, static_shape=True)
+    x = calib_images(n_calib)
+    p = lambda name: os.path.join(workdir, '%s-%s' % (model, name))   # noqa: E731
+    out = {}
+    if which == 'builtin':
+        from mxnet.contrib.quantization import quantize_net_v2
+        logging.disable(logging.CRITICAL)
+        data = mx.gluon.data.DataLoader(mx.gluon.data.ArrayDataset(
+            mx.nd.array(x), mx.nd.zeros(len(x))), batch_size=16)
+        t = time.time()
+        qnet = quantize_net_v2(net, quantized_dtype='auto', quantize_mode='full',
+                               calib_mode='naive', calib_data=data, num_calib_examples=len(x),
+                               ctx=mx.cpu())
+        out['convert_s'] = time.time() - t
+        qnet.hybridize(static_alloc=True, static_shape=True)
+        qnet(mx.nd.array(x[:1])).wait_to_read()
+        qnet.export(p('builtin'))
+        return out
+    import gluonq
+    from gluonq import lower as L
+    from gluonq.export import export_fast
+    t = time.time()
+    qnet = gluonq.quantize_net(net, x, calib_mode='naive', progress=False)
+    out['convert_s'] = time.time() - t
+    t = time.time()
+    low = L.lower(qnet, exact=False)
+    out['lower_s'] = time.time() - t
+    out['lowering'] = low.counts()
+    out['not_fused'] = [(r['step'], r['lowering'], r['reason']) for r in low.report
+                        if r['lowering'] in ('int32', 'reference')]
+    gluonq.save_quantized(qnet, p('gluonq'), overwrite=True)
+    export_fast(qnet, p('fast'), overwrite=True)
+    export_fast(qnet, p('int8w'), overwrite=True, int8_weights=True)
+    gluonq.export_compact(qnet, p('compact'), overwrite=True)
+    sizes = {}
+    for name in ['fast', 'int8w', 'compact']:
+        sizes[name] = os.path.getsize(p(name) + '-0000.params')
+    sizes['fp32'] = os.path.getsize(os.path.join(workdir, model + '-float.params'))
+    out['sizes'] = sizes
+    return out
+
+
+def job_run(model, variant, workdir, batches, runs, warmup):
+    """Load one variant and time it; returns {batch: images/s} and the peak RSS."""
+    import warnings
+    import mxnet as mx
+    import numpy as np
+    warnings.simplefilter('ignore')
+    p = lambda name: os.path.join(workdir, '%s-%s' % (model, name))   # noqa: E731
+    static = dict(static_alloc=True, static_shape=True)
+    if variant in ('fp32', 'fp32-mkldnn'):
+        net = build_float(model, workdir)
+        if variant == 'fp32':
+            net.hybridize(**static)
+        else:
+            net.hybridize(backend='MKLDNN', **static)
+    elif variant == 'gluonq':
+        import gluonq
+        net = gluonq.load_quantized(p('gluonq'))
+        net.hybridize(**static)
+    else:
+        assert 'gluonq' not in sys.modules
+        sys.modules['gluonq'] = None            # stock MXNet only
+        name = {'builtin': 'builtin', 'fast-export': 'fast', 'int8w-export': 'int8w',
+                'compact': 'compact'}[variant]
+        net = mx.gluon.SymbolBlock.imports(p(name) + '-symbol.json', ['data'],
+                                           p(name) + '-0000.params')
+        net.hybridize(**static)
+    res = {}
+    r = np.random.RandomState(2)
+    for bs in batches:
+        x = mx.nd.array(r.uniform(-2, 2, (bs,) + SHAPE).astype(np.float32))
+        for _ in range(warmup):
+            net(x).wait_to_read()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            net(x).wait_to_read()
+            times.append(time.perf_counter() - t)
+        res[str(bs)] = bs / float(np.median(times))
+    res['rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return res
+
+
+def _sub(args_list, threads, timeout=3600):
+    cmd = [sys.executable, os.path.abspath(__file__)] + args_list
+    env = dict(os.environ)
+    env['OMP_NUM_THREADS'] = str(threads)
+    env['MXNET_SUBGRAPH_VERBOSE'] = '0'
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         timeout=timeout, check=False, universal_newlines=True)
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith('RESULT '):
+            return json.loads(line[len('RESULT '):])
+    raise RuntimeError('%s failed:\n%s\n%s' % (' '.join(args_list), out.stdout[-2000:],
+                                                out.stderr[-4000:]))
+
+
+# ---------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--models', nargs='+', default=MODELS)
+    ap.add_argument('--batches', nargs='+', type=int, default=[1, 16])
+    ap.add_argument('--variants', nargs='+', default=VARIANTS)
+    ap.add_argument('--runs', type=int, default=7)
+    ap.add_argument('--warmup', type=int, default=3)
+    ap.add_argument('--rounds', type=int, default=2, help='interleaved repetitions')
+    ap.add_argument('--calib', type=int, default=64, help='calibration images')
+    ap.add_argument('--threads', type=int, default=1,
+                    help='OMP_NUM_THREADS of the timed processes (default 1: on a shared '
+                         'machine, OpenMP barriers of 2 threads on a busy core make small '
+                         'batches erratic)')
+    ap.add_argument('--workdir', help='keep models and exports here (default: temporary)')
+    ap.add_argument('--_convert', nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument('--_run', nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._convert:
+        model, which, workdir = args._convert
+        print('RESULT ' + json.dumps(job_convert(model, which, workdir, args.calib)))
+        return 0
+    if args._run:
+        model, variant, workdir = args._run
+        print('RESULT ' + json.dumps(job_run(model, variant, workdir, args.batches, args.runs,
+                                             args.warmup)))
+        return 0
+
+    variants = list(args.variants)
+    workdir = args.workdir or tempfile.mkdtemp(prefix='gluonq-bench-')
+    os.makedirs(workdir, exist_ok=True)
+    print('workdir %s; %d cores, %d thread(s) per timed process; load average at start '
+          '%.2f' % (workdir, os.cpu_count(), args.threads, os.getloadavg()[0]), flush=True)
+    conv = {}
+    try:
+        for model in args.models:
+            for which in ['builtin', 'gluonq']:
+                conv[(model, which)] = r = _sub(['--_convert', model, which, workdir,
+                                                 '--calib', str(args.calib)],
+                                                os.cpu_count() or 1)
+                print('converted %-16s %-8s in %6.1f s%s' % (
+                    model, which, r['convert_s'],
+                    '' if 'lower_s' not in r else '  (lowering %.1f s: %s; not fused: %s)'
+                    % (r['lower_s'], r['lowering'], r['not_fused'])), flush=True)
+        results = {}
+        loads = []
+        for rnd in range(args.rounds):
+            for model in args.models:
+                for variant in variants:
+                    r = _sub(['--_run', model, variant, workdir, '--batches'] +
+                             [str(b) for b in args.batches] +
+                             ['--runs', str(args.runs), '--warmup', str(args.warmup)],
+                             args.threads)
+                    results.setdefault((model, variant), []).append(r)
+                    loads.append(os.getloadavg()[0])
+                    print('round %d %-16s %-13s %s  (load %.2f)' % (
+                        rnd + 1, model, variant, '  '.join(
+                            'bs%s %.1f img/s' % (b, r[str(b)]) for b in args.batches),
+                        loads[-1]), flush=True)
+        report(args, variants, conv, results, loads)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _median(vals):
+    vals = sorted(vals)
+    n = len(vals)
+    return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
+
+
+def report(args, variants, conv, results, loads):
+    print('\n## images/s (median over %d rounds of the median of %d runs)\n' % (
+        args.rounds, args.runs))
+    head = '| model | batch | ' + ' | '.join(variants) + \
+        ' | gluonq/fp32 | gluonq/builtin | fast-export/builtin |'
+    print(head)
+    print('|' + '---|' * (head.count('|') - 1))
+    for model in args.models:
+        for bs in args.batches:
+            v = {var: _median([r[str(bs)] for r in results[(model, var)]]) for var in variants}
+            ratio = lambda a, b: ('%.2f' % (v[a] / v[b])) if a in v and b in v else '-'  # noqa
+            print('| %s | %d | %s | %s | %s | %s |' % (
+                model, bs, ' | '.join('%.1f' % v[var] for var in variants),
+                ratio('gluonq', 'fp32'), ratio('gluonq', 'builtin'),
+                ratio('fast-export', 'builtin')))
+    print('\n## peak memory (MB, max RSS of the variant\'s process)\n')
+    print('| model | ' + ' | '.join(variants) + ' |')
+    print('|' + '---|' * (len(variants) + 1))
+    for model in args.models:
+        print('| %s | %s |' % (model, ' | '.join(
+            '%.0f' % _median([r['rss_mb'] for r in results[(model, var)]])
+            for var in variants)))
+    print('\n## conversion (%d calibration images) and file sizes\n' % args.calib)
+    for model in args.models:
+        b, g = conv[(model, 'builtin')], conv[(model, 'gluonq')]
+        s = g['sizes']
+        print('%-16s builtin %.1f s, gluonq %.1f s (%.2fx; + %.1f s lowering at the first '
+              'hybridized call); .params MB: fp32 %.1f, fast %.1f, int8w %.1f (%.0f%%), '
+              'compact %.1f (%.0f%%)' % (
+                  model, b['convert_s'], g['convert_s'], g['convert_s'] / b['convert_s'],
+                  g['lower_s'], s['fp32'] / 1e6, s['fast'] / 1e6,
+                  s['int8w'] / 1e6, 100.0 * s['int8w'] / s['fp32'], s['compact'] / 1e6,
+                  100.0 * s['compact'] / s['fp32']))
+    print('\nload average during the runs: min %.2f, median %.2f, max %.2f (%d cores)' % (
+        min(loads), _median(loads), max(loads), os.cpu_count()))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1074 @@
+"""The fast path: lower a QuantizedNet onto oneDNN's fused int8 kernels.
+
+:func:`lower` turns a :class:`~gluonq.QuantizedNet` (its plain-data ``spec`` and its parameter
+values) into one MXNet symbol graph, written node by node (no MXNet partition or quantize
+pass), that stock MXNet runs and loads (``SymbolBlock.imports``, ``mx.mod.Module``) without
+gluonq:
+
+* ``Quantize`` -> ``_contrib_quantize_v2`` with the calibrated range;
+* conv / dense layers -> ``_sg_mkldnn_conv`` / ``_sg_mkldnn_fully_connected`` with
+  ``quantized=true``: int8 in, int8/uint8 out with the requantize, ReLU (functional ``F.relu``
+  and ``clip(0, a)`` included, as gluonq's converter fuses them) and the residual sum fused
+  into the kernel; the classifier returns float32 directly (``enable_float_output``);
+* pooling, flatten, ReLU on int8, concat and add -> MXNet's int8 operators;
+* float steps (``FloatOp``, ``Dequantize``) stay float.
+
+Tensors stay int8/uint8 between layers (no dequantize -> quantize pairs); every range is a
+calibrated constant.
+
+**How the fused kernels reproduce gluonq's integers.** They quantize their fp32 weights
+themselves (per output channel, ``127.5 / max|w_c|``, half to even) and use MXNet's range
+convention (range magnitude ``R``: ``127.5 / R`` (int8) or ``255.5 / R`` (uint8) steps per real
+unit), where gluonq uses ``Q / M`` with ``Q = 127 / 255``. So:
+
+* every int8 tensor gets an MXNet range ``R`` (float32) with ``f32(Q' / R) == f32(Q / M)``
+  (:func:`mx_range`, a float32 ulp search), written at full float32 precision;
+* a layer's weights are fp32 images (:func:`gluonq.quant.fused_weight_image`) that the kernel
+  re-quantizes into exactly gluonq's int8 weights with exactly gluonq's weight inverse scale,
+  hence exactly gluonq's float32 requantize multiplier ``(inv_out / inv_in) / inv_w``; bias
+  images round back to gluonq's int32 bias in the kernel;
+* a ReLU'd int8 output of a residual layer whose operand is int8 ("u7", values 0..127) fuses
+  too: oneDNN computes such a sum in the operand's dtype, which saturates at 127 exactly like
+  gluonq; MXNet types the result uint8 and the graph carries it so.
+
+**Where it cannot** the layer is lowered differently ("int32": a fused int8 convolution that
+returns the exact int32 accumulator, per-tensor weight image, followed by gluonq's float32
+epilogue; "reference": gluonq's own block). ``LoweredNet.report`` says what each step became
+and why:
+
+* a residual operand whose dtype differs from the output's (oneDNN computes the sum in the
+  operand dtype, in place: an int8 operand with a fused ReLU clamps at 127, a uint8 one
+  without ReLU wraps; MXNet's own quantization flow hits the first in every ResNet v1
+  downsample block) -> int32;
+* ReLU with int8 output without such an operand (a fused ReLU output goes up to 255) ->
+  int32;
+* grouped convolution with 1 < groups < channels (the weight reorder applies the scale of
+  channel g to all of group g), all-zero weight channels, per-tensor weights where a channel
+  has no +-127, a weight channel without an exact fp32 image (``quant._fused_exact_scales``
+  misses the scales at float32 binade edges) -> int32;
+* 1-d/3-d convolutions, dense with ``flatten=False``, dynamic ranges -> reference.
+
+**exact=True vs exact=False** (the fast path's default). gluonq's reference arithmetic is
+built to match the kernels: its requantize adds a fused residual with one rounding, as
+oneDNN's fused multiply-add ``fma(q_r, m_r, f32(acc * m))`` does (``tests/test_lower.py``
+pins the kernel behaviour), and the converter snaps every range to a value MXNet's range
+convention can express (``quant.snap_range_max``) and picks weight scales whose fp32 images
+re-derive exactly (``quant.quantize_weight``). What can remain is a range or weight scale
+without an exact MXNet form (a QuantizedNet built by hand, or a weight channel the scale
+search misses): ``exact=True`` lowers such layers as "int32" (bit-exact, slower);
+``exact=False`` fuses them with requantize multipliers within a float32 ulp (or the scale
+error the report records) of gluonq's, so a result can differ by 1 where the reference is
+within about 1e-4 of a rounding tie (tests bound it). Float outputs (dense with
+``enable_float_output``) differ by float rounding only (relative 1e-7), and an accumulator
+beyond 2**24 rounds to float32 at another point than in the reference.
+
+**int8 weights on disk** (``int8_weights=True``): the weights are int8 parameters and each
+fused convolution computes its fp32 image in the graph (``Cast``, per-channel scale, and a
+``one_hot`` correction of the anchor element); the kernel re-quantizes that image at every
+call (it redoes its weight preparation whenever the weight array changes), which costs time
+in proportion to the weight size. Dense layers run gluonq's reference int8 dense, whose
+kernel takes int8 weights as they are.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from collections import OrderedDict
+
+import mxnet as mx
+import numpy as np
+
+from . import quant
+from .nn import QTensor
+from .nn import _base as qbase
+
+__all__ = ['lower', 'LoweredNet', 'mx_range', 'MX_QRANGE']
+
+f32 = np.float32
+#: MXNet's quantized-range constants (``kInt8Range``, ``kUint8Range``).
+MX_QRANGE = {'int8': f32(127.5), 'uint8': f32(255.5)}
+_VERSION = {'mxnet_version': ['int', 10901]}
+_WINDOW = 64          # float32 ulps searched around a range / weight-scale target
+
+
+# ---------------------------------------------------------------------------------------
+# float32 arithmetic of MXNet's fused kernels
+# ---------------------------------------------------------------------------------------
+def _ulp_steps(x, n):
+    """float32 values around positive ``x``: x, x+1ulp, x-1ulp, x+2ulp, ... (2n+1 values)."""
+    offs = np.array([0] + [o for k in range(1, n + 1) for o in (k, -k)], np.int64)
+    bits = np.asarray(x, f32).reshape(-1, 1).view(np.int32).astype(np.int64) + offs[None]
+    return bits.astype(np.int32).view(f32)
+
+
+def mx_range(inv, dtype, window=_WINDOW):
+    """float32 range magnitude ``R`` for which MXNet's scale ``f32(Q' / R)`` equals ``inv``.
+
+    ``inv`` is gluonq's inverse scale ``f32(Q / M)``; ``Q'`` is 127.5 (int8) or 255.5
+    (uint8). Returns ``(R, exact)``: the nearest exact ``R`` within ``window`` ulps of
+    ``Q' / inv``, or that value itself with ``exact=False`` when none exists (about 1 target
+    in 7: division by a float32 skips some results).
+    """
+    qp = MX_QRANGE[dtype]
+    inv = f32(inv)
+    cands = _ulp_steps(f32(qp / inv), window)[0]
+    hit = np.flatnonzero((qp / cands).astype(f32) == inv)
+    if hit.size:
+        return f32(cands[hit[0]]), True
+    return f32(cands[0]), False
+
+
+def _mx_inv(dtype, r):
+    return f32(MX_QRANGE[dtype] / f32(r))
+
+
+def _rederive(img, w):
+    """The kernel's int8 weights from fp32 images ``img`` (C, K) and per-row scales ``w``."""
+    y = (img * w[:, None]).astype(f32)
+    return np.rint(np.clip(y, -128, 127)).astype(np.int64)
+
+
+def _bias_images(b_q, dscale, w):
+    """fp32 bias images that the kernel rounds back to gluonq's int32 bias ``b_q``.
+
+    The kernel computes ``round(b_img * f32(w * dscale))``; the image is chosen so that the
+    product lies within 0.5 of ``b_q`` however it is evaluated (float32 with either operand
+    order, or exactly), so the rounding mode does not matter either. Returns
+    ``(images, exact)`` per channel (always False for |b_q| >= 2**22).
+    """
+    b = np.asarray(b_q, np.float64)
+    bs = (w * f32(dscale)).astype(f32)
+    base = (b / bs.astype(np.float64)).astype(f32)
+    out = base.copy()
+    exact = np.zeros(b.shape, bool)
+    for off in (0, 1, -1, 2, -2):
+        cand = (base.view(np.int32).astype(np.int64) + off).astype(np.int32).view(f32)
+        p1 = (cand * bs).astype(f32).astype(np.float64)
+        p2 = ((cand * f32(dscale)).astype(f32) * w).astype(f32).astype(np.float64)
+        p3 = cand.astype(np.float64) * bs.astype(np.float64)
+        good = ~exact & (np.abs(p1 - b) < 0.5) & (np.abs(p2 - b) < 0.5) & \
+            (np.abs(p3 - b) < 0.5)
+        out[good] = cand[good]
+        exact |= good
+        if exact.all():
+            break
+    return out, exact
+
+
+def _weight_images(q2d, s_w, dscale=None, ratio=None, m=None, b_q=None, approx=False):
+    """fp32 weight (and bias) images for a fused int8 kernel with per-channel requantize.
+
+    ``q2d`` (C, K) gluonq int8 weights, ``s_w`` (C,) their scales. Per channel the image max
+    ``T`` is searched (starting at ``f32(127.5 s_w)``, i.e. :func:`quant.fused_weight_image`)
+    so that the kernel re-derives exactly ``q`` with scale ``w = f32(127.5 / T)`` and, when
+    ``m`` is given, ``f32(ratio / w) == m`` (the requantize multiplier, ``ratio`` being
+    ``f32(out_scale / data_scale)``), and the bias re-derives exactly.
+
+    ``approx=True`` (no ``m``): a channel whose scale has no exact image (a -127 extreme
+    and ``f32(127.5 s_w)`` not among the float32 values that map -127 back to -127) takes
+    the nearest one that has; its multiplier then differs by that relative amount (at most
+    about 3e-4), returned as ``img.scale_err``-like fourth element of the note.
+
+    Returns ``(img, bias_img, ok, note)``; ``ok`` False when some channel has no solution.
+    """
+    C = q2d.shape[0]
+    q = q2d.astype(np.int64)
+    s_w = np.broadcast_to(np.asarray(s_w, f32).reshape(-1), (C,)).astype(f32)
+    maxabs = np.abs(q).max(axis=1) if q.size else np.zeros(C, np.int64)
+    if (maxabs != 127).any():
+        return None, None, False, 'a weight channel has no +-127 (per-tensor scale or zero ' \
+                                  'channel): the kernel re-quantizes each channel to 127'
+    has_pos = (q == 127).any(axis=1)
+    anchor = np.where(has_pos, np.argmax(q == 127, axis=1), np.argmax(q == -127, axis=1))
+    t0 = (f32(127.5) * s_w).astype(f32)
+    T = np.full(C, np.nan, f32)
+    bimg = np.zeros(C, f32)
+    todo = np.arange(C)
+    cands = _ulp_steps(t0, _WINDOW)                         # (C, 2W+1)
+    for j in range(cands.shape[1]):
+        if todo.size == 0:
+            break
+        t = cands[todo, j]
+        w = (f32(127.5) / t).astype(f32)
+        tw = (t * w).astype(f32)
+        ok = (tw >= f32(126.5)) & (has_pos[todo] | (tw < f32(127.5)))
+        if m is not None:
+            ok &= (f32(ratio) / w).astype(f32) == m[todo]
+        if b_q is not None:
+            bi, bex = _bias_images(b_q[todo], dscale, w)
+            ok &= bex | (np.abs(b_q[todo]) >= 2 ** 22)
+            bimg[todo[ok]] = bi[ok]
+        T[todo[ok]] = t[ok]
+        todo = todo[~ok]
+    scale_err = 0.0
+    if todo.size and approx and m is None:
+        good = quant._good_mantissas()      # float32 mantissas that map -127 to -127
+        for c in todo:
+            bits = int(np.array([t0[c]], f32).view(np.uint32)[0])
+            expo, mant = bits & ~0x7FFFFF, bits & 0x7FFFFF
+            i = int(np.searchsorted(good, mant))
+            cb = np.concatenate([expo - (1 << 23) + good[-4:],             # binade below
+                                 expo + good[max(0, i - 4):i + 4],
+                                 expo + (1 << 23) + good[:4]]).astype(np.int64)   # above
+            vals = cb.astype(np.uint32).view(f32)
+            T[c] = vals[np.argmin(np.abs(vals.astype(np.float64) - float(t0[c])))]
+            if b_q is not None:
+                w1 = np.array([f32(127.5) / T[c]], f32)
+                bimg[c] = _bias_images(b_q[c:c + 1], dscale, w1)[0][0]
+            scale_err = max(scale_err, abs(float(T[c]) / float(t0[c]) - 1))
+        todo = todo[np.isnan(T[todo])]
+    if todo.size:
+        return None, None, False, '%d channel(s) without an exact fp32 image' % todo.size
+    w = (f32(127.5) / T).astype(f32)
+    img = quant.fused_weight_image(q2d, s_w).reshape(C, -1).astype(f32)
+    moved = T != t0
+    if moved.any():
+        sc = T[moved].astype(np.float64) / 127.5
+        img[moved] = (q[moved] * sc[:, None]).astype(f32)
+    img[np.arange(C), anchor] = np.where(has_pos, T, -T)
+    if not np.array_equal(_rederive(img, w), q):
+        return None, None, False, 'fp32 weight image does not re-derive the int8 weights'
+    note = '%d channel image(s) moved' % moved.sum() if moved.any() else ''
+    if scale_err:
+        note = ('approximate: a channel scale moved by %.1e to an exactly re-derivable one '
+                '(quant._fused_exact_scales missed it)' % scale_err)
+    if b_q is not None and (np.abs(b_q) >= 2 ** 22).any():
+        note += ' bias beyond 2**22 may round differently'
+    return img, (bimg if b_q is not None else None), True, note
+
+
+def _tensor_image(q2d):
+    """fp32 weight image with ONE scale for the whole tensor (int32 lowering).
+
+    Without a calibrated output range the fused convolution quantizes its weights per
+    tensor (``127.5 / max|w|``) and returns the raw int32 accumulator; the image is
+    ``q * T / 127.5`` with one element of magnitude 127 stored as exactly ``T``.
+    Returns ``(img, ok)``.
+    """
+    q = q2d.astype(np.int64)
+    flat = q.reshape(-1)
+    if not flat.size or np.abs(flat).max() != 127:
+        return None, False
+    pos = np.flatnonzero(flat == 127)
+    k = pos[0] if pos.size else np.flatnonzero(flat == -127)[0]
+    for T in _ulp_steps(f32(127.5), _WINDOW)[0]:
+        w = f32(f32(127.5) / T)
+        tw = f32(T * w)
+        if tw < f32(126.5) or (not pos.size and tw >= f32(127.5)):
+            continue
+        img = (q * (float(T) / 127.5)).astype(f32)
+        img.reshape(-1)[k] = T if pos.size else -T
+        if np.array_equal(_rederive(img, np.full(q.shape[0], w, f32)), q):
+            return img, True
+    return None, False
+
+
+# ---------------------------------------------------------------------------------------
+# graph building helpers
+# ---------------------------------------------------------------------------------------
+def _fused(op, name, attrs, sub_nodes, inputs):
+    """One subgraph op node (``_sg_mkldnn_conv`` / ``_sg_mkldnn_fully_connected``).
+
+    ``sub_nodes``: the float subgraph, its first variables in the order of ``inputs``;
+    ``inputs``: the node's input symbols (subgraph arguments, then range inputs).
+    """
+    nodes = [{'op': 'null', 'name': '%s__in%d' % (name, i), 'inputs': []}
+             for i in range(len(inputs))]
+    sub = {'nodes': sub_nodes,
+           'arg_nodes': [i for i, n in enumerate(sub_nodes) if n['op'] == 'null'],
+           'heads': [[len(sub_nodes) - 1, 0, 0]], 'attrs': dict(_VERSION)}
+    nodes.append({'op': op, 'name': name, 'attrs': attrs,
+                  'inputs': [[i, 0, 0] for i in range(len(inputs))], 'subgraphs': [sub]})
+    nout = 3 if attrs.get('enable_float_output', 'False') != 'True' else 1
+    js = {'nodes': nodes, 'arg_nodes': list(range(len(inputs))),
+          'heads': [[len(inputs), k, 0] for k in range(nout)], 'attrs': dict(_VERSION)}
+    s = mx.sym.load_json(json.dumps(js))
+    return s(**{'%s__in%d' % (name, i): x for i, x in enumerate(inputs)})
+
+
+def _safe_adds(sym):
+    """Rewrite ``elemwise_add`` outside the fused nodes as ``broadcast_add``.
+
+    MXNet 1.9.1's oneDNN ``elemwise_add`` (a oneDNN ``sum``) misreads a float tensor cast
+    from a oneDNN-layout int8/int32 tensor (tests/test_lower.py pins it); ``broadcast_add``
+    of same-shaped tensors is the same float32 addition.
+    """
+    js = json.loads(sym.tojson())
+    changed = False
+    for n in js['nodes']:
+        if n['op'] in ('elemwise_add', '_plus', '_Plus', '_add'):
+            n['op'] = 'broadcast_add'
+            changed = True
+    return mx.sym.load_json(json.dumps(js)) if changed else sym
+
+
+def _var(name):
+    return {'op': 'null', 'name': name, 'inputs': []}
+
+
+def _rng_attr(v):
+    return repr(float(f32(v)))
+
+
+class _T:
+    """An int8/uint8 tensor of the lowered graph.
+
+    ``dtype``/``M``/``inv``: gluonq's dtype, range max and inverse scale. ``mxdt``/``R``:
+    the dtype the MXNet graph holds it in and the MXNet range magnitude, whose scale
+    ``Q'(mxdt) / R`` is ``inv`` (or, where no float32 ``R`` gives that, its nearest).
+    ``mxdt`` differs from ``dtype`` for a ReLU'd int8 output of a fused residual layer,
+    which MXNet types uint8 (values 0..127 either way).
+    """
+    __slots__ = ('data', 'dtype', 'mxdt', 'M', 'inv', 'R', 'mx', 'gq', 'key')
+
+    def __init__(self, key, data, dtype, M, R=None, mx_rng=None, gq_rng=None, mxdt=None):
+        self.key = key
+        self.data = data
+        self.dtype = dtype
+        self.mxdt = mxdt or dtype
+        self.M = None if M is None else float(f32(M))
+        self.inv = None if M is None else quant.inv_scale_np(0.0 if dtype == 'uint8' else -M,
+                                                             M, dtype)
+        if R is None and M is not None:
+            R = mx_range(self.inv, self.mxdt)[0]
+        self.R = None if R is None else f32(R)
+        self.mx = mx_rng
+        self.gq = gq_rng
+
+    @property
+    def static(self):
+        return self.M is not None
+
+    @property
+    def mx_scale(self):
+        return _mx_inv(self.mxdt, self.R)
+
+    def like(self, key, data, mx_rng):
+        """The same quantization on new data (pass-through ops)."""
+        return _T(key, data, self.dtype, self.M, self.R, mx_rng, self.gq, self.mxdt)
+
+
+class LoweredNet:
+    """The lowered graph: an MXNet symbol, its fp32 parameters and how each step was lowered.
+
+    Attributes
+    ----------
+    symbol : mx.sym.Symbol
+        Inputs as the QuantizedNet's (``data``), outputs as its outputs.
+    params : OrderedDict of str -> numpy float32 array
+        Every argument / auxiliary state of ``symbol`` except the inputs.
+    report : list of dict
+        Per step: ``step``, ``block``, ``lowering`` ('fused', 'int32', 'mxnet-op',
+        'reference', 'float') and ``reason``.
+    tensors : dict
+        gluonq tensor key -> name of the symbol output holding it (int8 tensors: the data
+        output, see :meth:`internal`).
+    """
+
+    def __init__(self, symbol, params, input_names, report, tensors):
+        self.symbol = symbol
+        self.params = params
+        self.input_names = list(input_names)
+        self.report = report
+        self.tensors = tensors
+
+    def arg_aux(self, ctx=None):
+        """``(arg_params, aux_params)`` as NDArray dicts (what ``Module.set_params`` takes)."""
+        ctx = ctx or mx.cpu()
+        aux_names = set(self.symbol.list_auxiliary_states())
+        args, aux = {}, {}
+        for k, v in self.params.items():
+            (aux if k in aux_names else args)[k] = mx.nd.array(v, ctx=ctx, dtype=v.dtype)
+        return args, aux
+
+    def to_json(self):
+        """Symbol JSON (compact; variables carry no initializers)."""
+        js = json.loads(self.symbol.tojson())
+        for n in js['nodes']:
+            if n['op'] == 'null' and 'attrs' in n:
+                for k in ('__init__', '__lr_mult__', '__wd_mult__'):
+                    n['attrs'].pop(k, None)
+                if not n['attrs']:
+                    del n['attrs']
+        return json.dumps(js, indent=1)
+
+    def save(self, sym_path, params_path):
+        """Write the symbol JSON and the ``arg:``/``aux:`` params file."""
+        args, aux = self.arg_aux()
+        with open(sym_path, 'w') as f:
+            f.write(self.to_json())
+        d = {'arg:' + k: v for k, v in sorted(args.items())}
+        d.update({'aux:' + k: v for k, v in sorted(aux.items())})
+        mx.nd.save(params_path, d)
+
+    def block(self, ctx=None, release=False):
+        """A (not hybridized) ``SymbolBlock`` of the lowered graph with its parameters set.
+
+        ``release=True`` drops each numpy array once the block holds it (less peak memory;
+        the LoweredNet then keeps only its graph and report)."""
+        ctx = ctx or mx.cpu()
+        with warnings.catch_warnings():       # "Cannot decide type for ... data"
+            warnings.simplefilter('ignore')
+            blk = mx.gluon.SymbolBlock(mx.sym.load_json(self.to_json()),
+                                       [mx.sym.var(n) for n in self.input_names])
+        params = blk.collect_params()
+        for name, p in params.items():
+            p._load_init(mx.nd.array(self.params[name], dtype=self.params[name].dtype), ctx,
+                         cast_dtype=True, dtype_source='saved')
+            if release:
+                self.params[name] = None
+        return blk
+
+    def internal(self, keys):
+        """Symbol whose outputs are the gluonq tensors ``keys`` (int8 data / float)."""
+        internals = self.symbol.get_internals()
+        return mx.sym.Group([internals[self.tensors[k]] for k in keys])
+
+    def counts(self):
+        """Number of steps per lowering kind."""
+        out = {}
+        for r in self.report:
+            out[r['lowering']] = out.get(r['lowering'], 0) + 1
+        return out
+
+    def __repr__(self):
+        return 'LoweredNet(%s)' % ', '.join('%d %s' % (v, k) for k, v in
+                                             sorted(self.counts().items()))
+
+
+class _Lowerer:
+    def __init__(self, qnet, exact=True, int8_weights=False):
+        self.qnet = qnet
+        self.exact = exact
+        self.int8_weights = int8_weights
+        self.spec = qnet.spec
+        self.params = OrderedDict()
+        self.int_params = {}             # var name -> (dtype, int values)
+        self.env = {}
+        self.report = []
+        self.tensors = {}
+        self.names = set()
+
+    # -- constants and parameters ---------------------------------------------------------
+    def const(self, name, value):
+        arr = np.asarray(value, f32).reshape(-1) if np.ndim(value) == 0 else \
+            np.asarray(value, f32)
+        if name in self.params:
+            raise ValueError('duplicate lowered parameter %r' % name)
+        self.params[name] = arr
+        return mx.sym.var(name, shape=arr.shape, dtype=arr.dtype)
+
+    def block_param(self, p):
+        """Variable of a gluonq block's parameter (integers are stored as float32 and cast)."""
+        v = p.data().asnumpy()
+        if v.dtype == np.float32:
+            if p.name not in self.params:
+                self.params[p.name] = v
+        else:
+            self.int_params[p.name] = (np.dtype(v.dtype).name, v)
+        return p.var()
+
+    def mx_rng(self, t):
+        if t.mx is None:
+            lo = 0.0 if t.mxdt == 'uint8' else -float(t.R)
+            t.mx = (self.const(self.unique(t.key + '_mxmin'), lo),
+                    self.const(self.unique(t.key + '_mxmax'), float(t.R)))
+        return t.mx
+
+    def gq_rng(self, t):
+        if t.gq is None:
+            lo = 0.0 if t.dtype == 'uint8' else -t.M
+            t.gq = (self.const(self.unique(t.key + '_min'), lo),
+                    self.const(self.unique(t.key + '_max'), t.M))
+        return t.gq
+
+    def unique(self, name):
+        import re
+        base = re.sub(r'[^0-9A-Za-z_]', '_', name)
+        name, k = base, 1
+        while name in self.names or name in self.params:
+            k += 1
+            name = '%s_%d' % (base, k)
+        self.names.add(name)
+        return name
+
+    def note(self, step, lowering, reason='', scale_err=0.0):
+        """Record how ``step`` was lowered; ``scale_err`` is the largest relative change of a
+        weight scale the fused kernel uses (non-zero only for approximate lowerings)."""
+        self.report.append({'step': step['name'], 'block': step['block'],
+                            'lowering': lowering, 'reason': reason,
+                            'scale_err': float(scale_err)})
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self):
+        spec = self.spec
+        for name in spec['inputs']:
+            self.env[name] = mx.sym.var(name)
+        for step in spec['steps']:
+            block = self.qnet._children[step['name']]
+            kind = step['block']
+            if kind == 'Quantize':
+                self.lower_quantize(step, block)
+            elif kind in ('QuantizedConv2D', 'QuantizedDense'):
+                self.lower_layer(step, block)
+            elif kind == 'QuantizedPooling':
+                self.lower_passthrough(step, block, 'pool')
+            elif kind == 'QuantizedFlatten':
+                self.lower_passthrough(step, block, 'flatten')
+            elif kind == 'QuantizedActivation':
+                self.lower_passthrough(step, block, 'relu')
+            elif kind == 'QuantizedConcat':
+                self.lower_concat(step, block)
+            elif kind == 'QuantizedAdd':
+                self.lower_add(step, block)
+            elif kind == 'FloatOp':
+                self.lower_reference(step, block, 'float')
+            else:                       # Dequantize, 1-d / 3-d convolutions
+                self.lower_reference(step, block, 'reference' if kind != 'Dequantize'
+                                     else 'float')
+        outs = []
+        for k in spec['outputs']:
+            v = self.env[k]
+            if isinstance(v, _T):
+                v = quant.dequantize_f(mx.sym, QTensor(v.data, *self.gq_rng(v)))
+            outs.append(v)
+        sym = outs[0] if len(outs) == 1 else mx.sym.Group(outs)
+        sym = _safe_adds(self.cast_int_params(sym))
+        used = set(sym.list_arguments()) | set(sym.list_auxiliary_states())
+        params = OrderedDict((k, v) for k, v in self.params.items() if k in used)
+        missing = used - set(params) - set(spec['inputs'])
+        if missing:
+            raise RuntimeError('lowering left unbound variables: %s' % sorted(missing))
+        self.record_tensor_names(sym)
+        return LoweredNet(sym, params, spec['inputs'], self.report, self.tensors)
+
+    def record_tensor_names(self, sym):
+        names = set(sym.get_internals().list_outputs())
+        for key, v in self.env.items():
+            s = v.data if isinstance(v, _T) else v
+            if isinstance(s, mx.sym.Symbol) and len(s.list_outputs()) == 1:
+                nm = s.list_outputs()[0]
+                if nm in names:
+                    self.tensors[key] = nm
+
+    def cast_int_params(self, sym):
+        """Integer block parameters -> float32 variables + ``Cast`` in the graph.
+
+        Stock ``SymbolBlock.imports`` only loads float parameters; int32 values beyond
+        2**24 are split into two exactly representable halves.
+        """
+        args = set(sym.list_arguments())
+        repl = {}
+        for name, (dtype, v) in self.int_params.items():
+            if name not in args:
+                continue
+            if self.int8_weights:       # kept as integers: imports loads the saved dtype
+                self.params[name] = v
+                continue
+            v64 = v.astype(np.int64)
+            if dtype == 'int32' and np.abs(v64).max(initial=0) >= 2 ** 24:
+                hi, lo = v64 >> 12, v64 & 4095
+                self.params[name + '_hi'] = hi.astype(f32)
+                self.params[name + '_lo'] = lo.astype(f32)
+                s = mx.sym.Cast(mx.sym.var(name + '_hi', shape=v.shape, dtype='float32'),
+                                dtype='int32') * 4096 + \
+                    mx.sym.Cast(mx.sym.var(name + '_lo', shape=v.shape, dtype='float32'),
+                                dtype='int32')
+            else:
+                self.params[name + '_f32'] = v.astype(f32)
+                s = mx.sym.Cast(mx.sym.var(name + '_f32', shape=v.shape, dtype='float32'),
+                                dtype=dtype)
+            repl[name] = s
+        return sym(**repl) if repl else sym
+
+    # -- inputs of a step ---------------------------------------------------------------------
+    def inputs_of(self, step):
+        return [self.env[k] for k in step['inputs']]
+
+    def as_ref_input(self, v):
+        return QTensor(v.data, *self.gq_rng(v)) if isinstance(v, _T) else v
+
+    def set_out(self, step, value):
+        outs = step['outputs']
+        if len(outs) == 1:
+            self.env[outs[0]] = value
+        else:
+            for k, x in zip(outs, value):
+                self.env[k] = x
+
+    # -- Quantize -------------------------------------------------------------------------------
+    def quantize(self, x, key, dtype, M, name):
+        """float symbol -> _T with gluonq's quantize arithmetic."""
+        inv = quant.inv_scale_np(0.0 if dtype == 'uint8' else -M, M, dtype)
+        R, exact = mx_range(inv, dtype)
+        lo = 0.0 if dtype == 'uint8' else -float(R)
+        if exact:
+            q = mx.sym.contrib.quantize_v2(x, out_type=dtype, min_calib_range=_rng_attr(lo),
+                                           max_calib_range=_rng_attr(R), name=name)
+            return _T(key, q[0], dtype, M, R, mx_rng=(q[1], q[2]))
+        t = _T(key, None, dtype, M, R)
+        gmin, gmax = self.gq_rng(t)
+        t.data = mx.sym.contrib.quantize(x, gmin, gmax, out_type=dtype, name=name)[0]
+        return t
+
+    def lower_quantize(self, step, block):
+        x, = self.inputs_of(step)
+        if block._qp is None or isinstance(x, _T):
+            return self.lower_reference(step, block, 'reference', 'dynamic range')
+        qp = block._qp
+        t = self.quantize(x, step['outputs'][0], qp.dtype, qp.max, self.unique(step['name']))
+        self.set_out(step, t)
+        self.note(step, 'mxnet-op', '' if t.mx is not None else
+                  'range not representable in MXNet: gluonq quantize op')
+
+    # -- int8 ops with pass-through ranges ---------------------------------------------------
+    def lower_passthrough(self, step, block, kind):
+        x, = self.inputs_of(step)
+        if not isinstance(x, _T):
+            return self.lower_reference(step, block, 'reference', 'float input')
+        name = self.unique(step['name'])
+        if kind == 'relu' and x.mxdt == 'uint8':
+            self.set_out(step, x.like(step['outputs'][0], x.data, x.mx))
+            return self.note(step, 'mxnet-op', 'identity on uint8')
+        lo, hi = self.mx_rng(x)
+        if kind == 'pool':
+            r = mx.sym.contrib.quantized_pooling(x.data, lo, hi, name=name, **block._kwargs)
+        elif kind == 'flatten':
+            r = mx.sym.contrib.quantized_flatten(x.data, lo, hi, name=name)
+        else:
+            r = mx.sym.contrib.quantized_act(x.data, lo, hi, act_type='relu', name=name)
+        self.set_out(step, x.like(step['outputs'][0], r[0], (r[1], r[2])))
+        self.note(step, 'mxnet-op')
+
+    # -- concat / add -----------------------------------------------------------------------
+    def lower_concat(self, step, block):
+        xs = self.inputs_of(step)
+        why = None
+        oq = block._out_q
+        if oq is None:
+            why = 'dynamic range'
+        elif not all(isinstance(x, _T) and x.static for x in xs):
+            why = 'input not a static int8 tensor'
+        elif any(x.dtype != oq.dtype or x.mxdt != oq.dtype for x in xs):
+            why = "MXNet's int8 concat needs inputs of the output's dtype"
+        else:
+            out = _T(step['outputs'][0], None, oq.dtype, oq.max)
+            r_out = max(x.R for x in xs)
+            sc_out = _mx_inv(oq.dtype, r_out)
+            for x in xs:
+                mx_f = f32(sc_out / x.mx_scale)
+                gq_f = f32(out.inv / x.inv)
+                copy_mx = sc_out == x.mx_scale
+                copy_gq = gq_f == f32(1)
+                if copy_mx != copy_gq or (not copy_mx and mx_f != gq_f):
+                    why = 'rescale factor of an input differs from gluonq'
+        if why:
+            return self.lower_reference(step, block, 'reference', why)
+        args = [x.data for x in xs]
+        for x in xs:
+            args += list(self.mx_rng(x))
+        r = mx.sym.contrib.quantized_concat(*args, num_args=len(xs), dim=block._dim,
+                                            name=self.unique(step['name']))
+        out.data, out.R, out.mx = r[0], f32(r_out), (r[1], r[2])
+        self.set_out(step, out)
+        self.note(step, 'mxnet-op')
+
+    def lower_add(self, step, block):
+        a, b = self.inputs_of(step)
+        oq = block._out_q
+        why = None
+        if oq is None or block._out_dtype == 'float32':
+            why = 'float or dynamic output'
+        elif not (isinstance(a, _T) and isinstance(b, _T) and a.static and b.static):
+            why = 'input not a static int8 tensor'
+        elif not (a.dtype == b.dtype == oq.dtype == a.mxdt == b.mxdt):
+            why = "MXNet's int8 add mixes dtypes through an int8 buffer"
+        elif block._relu and oq.dtype != 'uint8':
+            why = 'ReLU on a signed sum has no int8 kernel'
+        if why is None:
+            out = _T(step['outputs'][0], None, oq.dtype, oq.max)
+            want = [f32(out.inv / a.inv), f32(out.inv / b.inv)]
+            chosen = None
+            for R in _ulp_steps(out.R, _WINDOW)[0]:
+                sc = _mx_inv(oq.dtype, R)
+                if f32(sc / a.mx_scale) == want[0] and f32(sc / b.mx_scale) == want[1]:
+                    chosen = R
+                    break
+            if chosen is None:
+                why = 'no MXNet range gives the same rescale factors'
+        if why:
+            return self.lower_reference(step, block, 'reference', why)
+        lo = 0.0 if oq.dtype == 'uint8' else -float(chosen)
+        (amin, amax), (bmin, bmax) = self.mx_rng(a), self.mx_rng(b)
+        r = mx.sym.contrib.quantized_elemwise_add(
+            a.data, b.data, amin, amax, bmin, bmax, min_calib_range=_rng_attr(lo),
+            max_calib_range=_rng_attr(chosen), name=self.unique(step['name']))
+        out.data, out.R, out.mx = r[0], f32(chosen), (r[1], r[2])
+        self.set_out(step, out)
+        self.note(step, 'mxnet-op')
+
+    # -- reference ---------------------------------------------------------------------------
+    def lower_reference(self, step, block, lowering, reason=''):
+        ins = [self.as_ref_input(v) for v in self.inputs_of(step)]
+        for p in block.collect_params().values():
+            self.block_param(p)
+        res = block(*ins)
+        outs = step['outputs']
+        vals = [res] if len(outs) == 1 else list(res)
+        conv = []
+        for k, v in zip(outs, vals):
+            qt = qbase.as_qtensor(v) if not isinstance(v, mx.sym.Symbol) else None
+            if qt is None:
+                conv.append(v)
+                continue
+            dtype, M, mxdt = self.out_qparams(step, block)
+            t = _T(k, qt.data, dtype, M, gq_rng=(qt.min, qt.max), mxdt=mxdt)
+            if M is None:
+                t.mx = (qt.min, qt.max)
+            conv.append(t)
+        self.set_out(step, conv[0] if len(outs) == 1 else conv)
+        self.note(step, lowering, reason)
+
+    def out_qparams(self, step, block):
+        """dtype, static range max (None: dynamic) and graph dtype of an int8 output of a
+        reference step."""
+        kind = step['block']
+        if kind == 'Quantize':
+            return block.out_dtype, (block._qp.max if block._qp is not None else None), \
+                block.out_dtype
+        if kind in ('QuantizedPooling', 'QuantizedFlatten', 'QuantizedActivation'):
+            src = self.env[step['inputs'][0]]
+            if isinstance(src, _T):
+                return src.dtype, src.M, src.mxdt
+        oq = getattr(block, '_out_q', None)
+        return block.out_dtype, (oq.max if oq is not None else None), block.out_dtype
+
+    # -- layers -------------------------------------------------------------------------------
+    @staticmethod
+    def output_ranges(out, x, residual, limit=6):
+        """Candidate MXNet ranges of a fused layer's output, best first.
+
+        The kernel's requantize multiplier is ``f32(f32(out_scale / data_scale) / w_c)``;
+        gluonq's is ``f32(f32(inv_out / inv_in) / inv_w_c)``. Ranges whose ``out_scale``
+        makes the first quotient equal gluonq's let the weight images keep gluonq's own
+        scales (the only option for channels whose extreme weight is -127); gluonq's own
+        output range comes first when it qualifies. With a fused residual, the sum factor
+        ``f32(out_scale / sum_scale)`` must also equal ``f32(inv_out / inv_r)``. If no range
+        qualifies, the ranges nearest to gluonq's are returned (the weight images then
+        absorb the difference where they can).
+        """
+        dt = out.mxdt
+        g = f32(out.inv / x.inv)
+        seeds = [out.R, f32(MX_QRANGE[dt] / f32(g * x.mx_scale))]
+        cands = np.unique(np.concatenate([_ulp_steps(v, _WINDOW)[0] for v in seeds]))
+        scales = (MX_QRANGE[dt] / cands).astype(f32)
+        ok = np.ones(cands.shape, bool)
+        if residual is not None:
+            ok &= (scales / residual.mx_scale).astype(f32) == f32(out.inv / residual.inv)
+        exact = ok & ((scales / x.mx_scale).astype(f32) == g)
+        dist = np.abs(cands.astype(np.float64) - float(out.R))
+        order = np.lexsort((dist, cands != out.R))
+        best = [cands[i] for i in order if exact[i]]
+        rest = [cands[i] for i in order if ok[i] and not exact[i]]
+        return (best + rest)[:limit]
+
+    def int8_weight_image(self, name, q, img, per_tensor):
+        """The fp32 image ``img`` of int8 weights ``q`` computed in the graph from ``q``.
+
+        ``image = f32(q * s) + one_hot(anchor) * d`` per output channel, with ``s`` the
+        image's scale and ``d`` moving each channel's anchor element to the image's exact
+        maximum. Returns None when that expression does not give an image the kernel
+        re-quantizes exactly like ``img`` (then the layer keeps its fp32 image).
+        """
+        C = q.shape[0]
+        q2 = q.reshape(C, -1).astype(np.int64)
+        im = img.reshape(C, -1)
+        amax = np.abs(im).max(axis=1)
+        T = np.full(C, np.abs(im).max(), f32) if per_tensor else amax.astype(f32)
+        w = (f32(127.5) / T).astype(f32)
+        scale = (T.astype(np.float64) / 127.5).astype(f32)
+        new = (q2.astype(f32) * scale[:, None]).astype(f32)
+        anchor = np.argmax(np.abs(im) == T[:, None], axis=1)
+        has = np.abs(im[np.arange(C), anchor]) == T
+        target = np.where(has, im[np.arange(C), anchor], new[np.arange(C), anchor])
+        delta = (target - new[np.arange(C), anchor]).astype(f32)
+        new[np.arange(C), anchor] = (new[np.arange(C), anchor] + delta).astype(f32)
+        ok = np.array_equal(_rederive(new, w), q2) and \
+            np.array_equal(np.abs(new).max(axis=1) if not per_tensor else
+                           np.full(C, np.abs(new).max()), T) and \
+            np.array_equal(new[np.arange(C), anchor], target)
+        if not ok:
+            return None
+        qv = mx.sym.var(name + '_weight_int8', shape=q.shape, dtype='int8')
+        self.params[name + '_weight_int8'] = q.astype(np.int8)
+        shape = (C,) + (1,) * (q.ndim - 1)
+        y = mx.sym.broadcast_mul(mx.sym.Cast(qv, dtype='float32'),
+                                 mx.sym.reshape(self.const(name + '_weight_scale', scale), shape))
+        corr = mx.sym.broadcast_mul(
+            mx.sym.one_hot(self.const(name + '_weight_anchor', anchor.astype(f32)),
+                           depth=q2.shape[1]),
+            mx.sym.reshape(self.const(name + '_weight_delta', delta), (C, 1)))
+        return mx.sym.broadcast_add(y, mx.sym.reshape(corr, q.shape))
+
+    def lower_layer(self, step, block):
+        ins = self.inputs_of(step)
+        x = ins[0]
+        residual = ins[1] if len(ins) > 1 else None
+        is_conv = step['block'] == 'QuantizedConv2D'
+        why = None
+        if self.int8_weights and not is_conv:
+            return self.lower_reference(step, block, 'reference',
+                                        'int8 weights: the int8 dense kernel reads them as is')
+        if not block.is_static:
+            why = 'dynamic input range'
+        elif is_conv and block._kwargs['layout'] != 'NCHW':
+            why = 'layout'
+        elif not is_conv and not block._flatten:
+            why = 'dense with flatten=False'
+        elif block._out_dtype != 'float32' and block._out_q is None:
+            why = 'dynamic output range'
+        if why:
+            return self.lower_reference(step, block, 'reference', why)
+        in_q = block._in_q
+        if isinstance(x, _T):
+            if not x.static or x.dtype != in_q.dtype or x.M != float(f32(in_q.max)):
+                return self.lower_reference(step, block, 'reference',
+                                            'input range differs from the layer calibration')
+        else:
+            x = self.quantize(x, step['name'] + '_in', in_q.dtype, in_q.max,
+                              self.unique(step['name'] + '_quantize'))
+        params = {k[len(block.params.prefix):]: p for k, p in block.params.items()}
+        q = params['weight'].data().asnumpy()
+        C = q.shape[0]
+        s_w = np.broadcast_to(params['weight_scale'].data().asnumpy().astype(f32).reshape(-1),
+                              (C,)).astype(f32)
+        b_q = params['bias'].data().asnumpy().astype(np.int64) if 'bias' in params else None
+        q2d = q.reshape(C, -1)
+        groups = block._kwargs['num_group'] if is_conv else 1
+        depthwise = groups > 1 and groups == C and q.shape[1] == 1
+        out_dt = block._out_dtype
+        act = block._act_type
+        mode, why = 'requant', ''
+        # MXNet types a fused output uint8 exactly when a ReLU is fused
+        out_mxdt = 'uint8' if (act == 'relu' or out_dt == 'uint8') else 'int8'
+        if out_dt == 'float32':
+            mode = 'float' if (not is_conv and residual is None) else 'int32'
+            why = 'float output' if mode == 'int32' else ''
+        elif residual is not None:
+            if not is_conv:
+                mode, why = 'int32', 'dense has no fused residual sum'
+            elif not isinstance(residual, _T) or not residual.static:
+                mode, why = 'int32', 'residual is not a static int8 tensor'
+            elif residual.mxdt != out_mxdt and not (
+                    act == 'relu' and out_dt == 'int8' and residual.mxdt == 'int8'):
+                # oneDNN computes the sum in the operand's dtype, in place: an int8 operand
+                # with a fused ReLU saturates at 127, a uint8 one without ReLU wraps. The
+                # first is exactly gluonq's ReLU'd int8 output ("u7"), so that case fuses.
+                mode, why = 'int32', ('%s residual into a %s output: MXNet computes the fused '
+                                      'sum in the operand dtype' % (residual.mxdt, out_dt))
+        elif act == 'relu' and out_dt == 'int8':
+            mode, why = 'int32', 'ReLU with int8 output (a fused ReLU makes uint8 up to 255)'
+        if groups > 1 and not depthwise:
+            mode, why = 'int32', 'grouped conv (1 < groups < channels): kernel scale bug'
+        chmax = np.abs(q2d).max(axis=1)
+        if mode != 'int32' and not (chmax == 127).all():
+            mode, why = 'int32', ('all-zero weight channel' if (chmax == 0).any() else
+                                  'weight channel without +-127 (per-tensor weight scale)')
+        dscale = x.mx_scale
+        out = img = bimg = None
+        if mode == 'requant':
+            out = _T(step['outputs'][0], None, out_dt, block._out_q.max, mxdt=out_mxdt)
+            m = quant.requantize_multiplier_np(out.inv, x.inv, quant.weight_inv_scale_np(s_w))
+            m = np.broadcast_to(m, (C,)).astype(f32)
+            for R in self.output_ranges(out, x, residual):
+                ratio = f32(_mx_inv(out_mxdt, R) / dscale)
+                img, bimg, ok, note = _weight_images(q2d, s_w, dscale, ratio, m, b_q)
+                if ok:
+                    out.R, why = f32(R), note
+                    break
+            else:
+                img = None
+                if not self.exact:
+                    img, bimg, ok, note = _weight_images(q2d, s_w, dscale, None, None, b_q,
+                                                         approx=True)
+                    if ok:
+                        cands = self.output_ranges(out, x, residual)
+                        out.R = cands[0] if cands else out.R
+                        why = note if note.startswith('approximate') else (
+                            'approximate: requantize multipliers within 1 float32 ulp of '
+                            "gluonq's (the range has no exact MXNet form)")
+                if img is None:
+                    mode, why = 'int32', ('the range has no exact MXNet form: no fp32 image '
+                                          'gives the requantize multipliers exactly')
+        elif mode == 'float':
+            img, bimg, ok, note = _weight_images(q2d, s_w, dscale, None, None, b_q)
+            if not ok:
+                mode, why = 'int32', note
+        if mode == 'int32':
+            if not is_conv:
+                return self.lower_reference(step, block, 'reference', why)
+            img, ok = _tensor_image(q2d)
+            if not ok:
+                return self.lower_reference(step, block, 'reference',
+                                            'no weight of magnitude 127')
+            bimg = None
+            if b_q is not None:
+                w = f32(f32(127.5) / np.abs(img).max())
+                bimg, bex = _bias_images(b_q, dscale, np.full(C, w, f32))
+                bimg = bimg if bex.all() else None
+        name = self.unique(step['name'])
+        wsym = None
+        if self.int8_weights:
+            wsym = self.int8_weight_image(name, q, img, per_tensor=mode == 'int32')
+        if wsym is None:
+            wsym = self.const(name + '_weight', img.reshape(q.shape))
+        inputs = [x.data, wsym]
+        sub = [_var('data'), _var('weight')]
+        if bimg is not None:
+            inputs.append(self.const(name + '_bias', bimg))
+            sub.append(_var('bias'))
+        lattrs = {'no_bias': str(bimg is None)}
+        if is_conv:
+            k = block._kwargs
+            lattrs.update(kernel=str(tuple(k['kernel'])), stride=str(tuple(k['stride'])),
+                          dilate=str(tuple(k['dilate'])), pad=str(tuple(k['pad'])),
+                          num_filter=str(k['num_filter']), num_group=str(k['num_group']),
+                          layout='NCHW')
+            sub.append({'op': 'Convolution', 'name': name + '_conv', 'attrs': lattrs,
+                        'inputs': [[i, 0, 0] for i in range(len(sub))]})
+        else:
+            lattrs.update(num_hidden=str(C), flatten='True')
+            sub.append({'op': 'FullyConnected', 'name': name + '_fc', 'attrs': lattrs,
+                        'inputs': [[i, 0, 0] for i in range(len(sub))]})
+        relu = mode in ('requant', 'float') and (act == 'relu' or out_dt == 'uint8')
+        with_sum = mode == 'requant' and residual is not None
+
+        def add_relu():
+            sub.append({'op': 'Activation', 'name': name + '_relu',
+                        'attrs': {'act_type': 'relu'}, 'inputs': [[len(sub) - 1, 0, 0]]})
+
+        if is_conv:
+            attrs = {'quantized': 'true'}
+            if relu and not with_sum:
+                attrs['with_act'] = 'true'
+                add_relu()
+            if with_sum:
+                attrs['with_sum'] = 'true'
+                inputs.append(residual.data)
+                sub.append(_var('sum'))
+                sub.append({'op': 'elemwise_add', 'name': name + '_add',
+                            'inputs': [[len(sub) - 2, 0, 0], [len(sub) - 1, 0, 0]]})
+                if relu:
+                    attrs['with_postsum_act'] = 'true'
+                    add_relu()
+        else:
+            attrs = {'quantized': 'True', 'channel_wise_quantize': 'True'}
+            if relu:
+                attrs['with_eltwise'] = 'True'
+                add_relu()
+            if mode == 'float':
+                attrs['enable_float_output'] = 'True'
+        if mode == 'requant':
+            attrs['min_calib_range'] = _rng_attr(0.0 if out_mxdt == 'uint8' else -out.R)
+            attrs['max_calib_range'] = _rng_attr(out.R)
+        inputs += list(self.mx_rng(x))
+        if with_sum:
+            inputs += list(self.mx_rng(residual))
+        fused = _fused('_sg_mkldnn_conv' if is_conv else '_sg_mkldnn_fully_connected', name,
+                       attrs, sub, inputs)
+        if mode == 'requant':
+            out.data, out.mx = fused[0], (fused[1], fused[2])
+            self.set_out(step, out)
+            t0 = (f32(127.5) * s_w).astype(f32)
+            err = np.abs(np.abs(img.reshape(C, -1)).max(axis=1) / t0 - 1).max()
+            return self.note(step, 'fused', why, scale_err=err if err > 1e-6 else 0.0)
+        if mode == 'float':
+            y = fused if len(fused.list_outputs()) == 1 else fused[0]
+            if act not in (None, 'relu'):
+                y = mx.sym.Activation(y, act_type=act)
+            self.set_out(step, y)
+            return self.note(step, 'fused', 'float output')
+        acc = fused[0]
+        if bimg is None and b_q is not None:
+            acc = mx.sym.broadcast_add(acc, mx.sym.reshape(
+                self.int_const(name + '_bias_int32', b_q.astype(np.int32)), (1, -1, 1, 1)))
+        self.set_out(step, self.epilogue(step, block, acc, x, residual, s_w, name))
+        self.note(step, 'int32', why)
+
+    def int_const(self, name, value):
+        """An integer constant (stored as float32, cast in the graph)."""
+        v = np.asarray(value)
+        self.int_params[name] = (np.dtype(v.dtype).name, v)
+        return mx.sym.var(name, shape=v.shape, dtype=v.dtype)
+
+    def epilogue(self, step, block, acc, x, residual, s_w, name):
+        """gluonq's layer epilogue on an exact int32 accumulator (bias included).
+
+        The same float32 operations as the reference blocks (``_QuantizedLayer._epilogue``),
+        with the multipliers precomputed as the same float32 values. Only element-wise
+        (non-oneDNN) operators run on the accumulator, and the result leaves through a cast
+        that changes the element size: MXNet 1.9.1 lets a same-size in-place cast of a
+        oneDNN-layout tensor keep the oneDNN layout tag, and a oneDNN operator (or oneDNN's
+        ``elemwise_add``) reading the result then misreads it (tests/test_lower.py pins it).
+        """
+        C = s_w.shape[0]
+        inv_in = x.inv
+        inv_w = quant.weight_inv_scale_np(s_w)
+        out_dt = block._out_dtype
+        # int32 -> float64 -> float32 is the same rounding as int32 -> float32, into a
+        # freshly allocated buffer
+        accf = mx.sym.Cast(mx.sym.Cast(acc, dtype='float64'), dtype='float32')
+        if out_dt == 'float32':
+            inv = (np.float32(inv_in) * inv_w).astype(f32)
+            y = mx.sym.broadcast_div(accf, mx.sym.reshape(self.const(name + '_inv', inv),
+                                                          (1, -1, 1, 1)))
+            if residual is not None:
+                r = residual
+                if isinstance(r, _T):
+                    r = quant.dequantize_f(mx.sym, QTensor(r.data, *self.gq_rng(r)))
+                y = mx.sym.broadcast_add(y, r)
+            if block._act_type:
+                y = mx.sym.Activation(y, act_type=block._act_type)
+            return y
+        out = _T(step['outputs'][0], None, out_dt, block._out_q.max)
+        m = quant.requantize_multiplier_np(out.inv, inv_in, inv_w)
+        m = np.broadcast_to(m, (C,)).astype(f32)
+        y = mx.sym.broadcast_mul(accf, mx.sym.reshape(self.const(name + '_mult', m),
+                                                      (1, -1, 1, 1)))
+        if residual is not None:
+            mr = f32(out.inv / residual.inv)
+            t = mx.sym.broadcast_mul(mx.sym.Cast(residual.data, dtype='float32'),
+                                     self.const(name + '_res_mult', mr))
+            y = mx.sym.broadcast_add(y, t)
+        lo, hi = quant.QBOUNDS[out_dt]
+        if block._act_type == 'relu':
+            lo = 0
+        # clip (with relu folded in), round half to even, cast: gluonq's requantize_f
+        y = quant.round_half_even_f(mx.sym, mx.sym.clip(y, lo, hi))
+        # a ReLU'd int8 output holds 0..127: typed uint8 like the fused kernels type it, so
+        # that a fused residual reading it sees a uint8 operand
+        out.mxdt = 'uint8' if lo >= 0 else out_dt
+        out.R = mx_range(out.inv, out.mxdt)[0]
+        out.data = mx.sym.Cast(y, dtype=out.mxdt)
+        return out
+
+
+def lower(qnet, exact=True, int8_weights=False):
+    """Lower ``qnet`` (a :class:`~gluonq.QuantizedNet`) to a :class:`LoweredNet`.
+
+    ``exact=True``: every int8 tensor equals the reference chain's; a layer that the fused
+    kernel cannot reproduce exactly runs as an int8 convolution with gluonq's float32
+    epilogue ("int32" lowering). ``exact=False`` also fuses layers whose ranges have no
+    exact MXNet form, with requantize multipliers within one float32 ulp of gluonq's (a
+    result can then differ by 1 where the reference is within about 1e-5 of a rounding
+    tie). Reads the current parameter values; call again after changing them.
+
+    ``int8_weights=True`` keeps the weights int8 in the parameters (a file about a quarter of
+    the fp32 one): each fused convolution computes its fp32 image in the graph
+    (:meth:`_Lowerer.int8_weight_image`) and re-quantizes it on every call, and dense
+    layers run gluonq's reference int8 dense. Same integers as the fp32-image graph.
+    """
+    from .convert.qnet import QuantizedNet
+    if not isinstance(qnet, QuantizedNet):
+        raise TypeError('lower takes a QuantizedNet, got %s' % type(qnet).__name__)
+    return _Lowerer(qnet, exact, int8_weights).run()
