@@ -65,11 +65,7 @@ def main(argv=None):
             'mnist_models:preprocess', '--num-calib-examples', '512',
             '--calib-mode', args.calib_mode, '--out', prefix,
             '--export-compact', prefix + '-compact', '--overwrite', '--quiet']
-    try:
-        from gluonq.export import export_fast  # noqa: F401
-        argv += ['--export-fast', prefix + '-fast']
-    except ImportError:
-        pass
+    argv += ['--export-fast', prefix + '-fast']
     print('   gluonq-convert ' + ' '.join(argv))
     if cli.main(argv) != 0:
         return 1

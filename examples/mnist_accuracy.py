@@ -12,10 +12,8 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 import mxnet as mx
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mnist_models as M  # noqa: E402
@@ -85,12 +83,10 @@ def main(argv=None):
         acc_f, lf = M.evaluate(net, xt, yt)
         for mode in args.modes:
             for pc in (True, False):
-                t = time.time()
                 q = gluonq.quantize_net(net, xc, calib_mode=mode, per_channel=pc,
                                         progress=False)
                 q.hybridize()
                 acc_q, lq = M.evaluate(q, xt, yt)
-                conv_s = time.time() - t
                 row = '%-17s %-10s %-7s %6.2f | %7.2f %+6.2f %6.1f |' % (
                     name, mode, 'channel' if pc else 'tensor', acc_f, acc_q, acc_f - acc_q,
                     quant.sqnr_db(lf, lq))

@@ -261,7 +261,6 @@ def _accuracy(net, x, y, batch_size=256):
 
 
 def run(args):
-    import mxnet as mx
     import gluonq
     from gluonq import debug, quant
     from gluonq.calibration.collect import CalibrationDataError

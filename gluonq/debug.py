@@ -13,7 +13,6 @@ import numpy as np
 from . import quant
 from .calibration.collect import as_batches
 from .convert.convert import trace_and_fold
-from .convert.graph import edge_key
 from .nn import as_qtensor
 
 __all__ = ['compare', 'format_table', 'plot']

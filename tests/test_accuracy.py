@@ -9,7 +9,6 @@ calibration mode, and never worse than the built-in quantizer.
 import logging
 
 import mxnet as mx
-import numpy as np
 import pytest
 
 import gluonq
