@@ -96,18 +96,29 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
         for e, q in zip(u.inputs, u.in_q):
             if q and not (e in producer and producer[e].is_int8) and e not in observed:
                 observed.append(e)
+    # the layer result before a fused residual add: gluonq never rounds it, but runtimes
+    # without a fused sum (onnxruntime) need an 8-bit range for it (spec['preadd_ranges'])
+    preadd = [(u.node.name, 0) for u in units if u.is_int8 and u.residual is not None]
     opts = dict(calib_options or {})
     observers = [make_observer(calib_mode, dtype=act_dtype, name=edge_key(e), **opts)
                  for e in observed]
+    preadd_obs = [make_observer(calib_mode, dtype='int8', name=edge_key(e) + ' (pre-add)',
+                                **opts) for e in preadd]
     if observers:
-        sym = graph.to_symbol(observed)
-        collect(sym, graph.inputs[0], graph.params, batches, observers, progress)
+        sym = graph.to_symbol(observed + preadd)
+        collect(sym, graph.inputs[0], graph.params, batches, observers + preadd_obs,
+                progress)
     qparams = {e: o.calculate_qparams() for e, o in zip(observed, observers)}
     warnings = [o.fallback for o in observers if getattr(o, 'fallback', None)]
     for w in warnings:
         log.warning('calibration: %s', w)
     _propagate_qparams(units, producer, qparams)
     spec, values = _build_spec(graph, units, qparams, per_channel, act_dtype)
+    step_of = {st['node']: st['name'] for st in spec['steps'] if 'node' in st}
+    spec['preadd_ranges'] = {}
+    for e, o in zip(preadd, preadd_obs):
+        qp = o.calculate_qparams()
+        spec['preadd_ranges'][step_of[e[0]]] = [qp.min, qp.max]
     spec['calibration'] = {
         'mode': calib_mode if isinstance(calib_mode, str) else calib_mode.__name__,
         'options': opts, 'num_examples': int(sum(b.shape[0] for b in batches)),
