@@ -307,14 +307,12 @@ def run(args):
         written += gluonq.save_quantized(qnet, args.out, overwrite=args.overwrite,
                                          extra={'summary': summary})
         if args.export_fast:
-            from gluonq.export import export_fast
-            written += export_fast(qnet, args.export_fast, overwrite=args.overwrite)
+            written += gluonq.export_fast(qnet, args.export_fast, overwrite=args.overwrite)
         if args.export_compact:
             written += gluonq.export_compact(qnet, args.export_compact,
                                              overwrite=args.overwrite)
         if args.onnx:
-            from gluonq.onnx import export_onnx
-            written.append(export_onnx(qnet, args.onnx, overwrite=args.overwrite))
+            written.append(gluonq.export_onnx(qnet, args.onnx, overwrite=args.overwrite))
         if args.report_png:
             written.append(debug.plot(rows, args.report_png))
     except BaseException:
@@ -353,7 +351,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format='%(name)s: %(message)s')
     try:
         return run(args)
-    except (CliError, FileExistsError, FileNotFoundError) as err:
+    except Exception as err:                        # pylint: disable=broad-except
+        from gluonq.onnx import ONNXExportError
+        if not isinstance(err, (CliError, FileExistsError, FileNotFoundError,
+                                ONNXExportError)):
+            raise
         print('gluonq-convert: error: %s' % err, file=sys.stderr)
         return 2
 

@@ -1,0 +1,858 @@
+"""ONNX export of a QuantizedNet in QDQ form, for onnxruntime's int8 kernels.
+
+``export_onnx(qnet, path)`` writes the network gluonq calibrated and quantized as an ONNX
+model built from the QuantizedNet's own steps and integer parameters:
+
+* every int8/uint8 tensor of gluonq is an ONNX integer tensor with the same scale. By
+  default all of them are **uint8** (onnxruntime's fast U8S8 path on x86): a gluonq uint8
+  tensor is held as is (zero point 0), a gluonq int8 tensor ``q`` as ``q + 128`` with zero
+  point 128 -- exact, the same integers after the shift. ``act_dtype='int8'`` writes int8
+  tensors instead (zero points 0 / -128);
+* weights are int8 initializers carrying gluonq's integers, with their scales per output
+  channel (``DequantizeLinear`` with ``axis=0``) or per tensor; biases are the int32
+  initializers gluonq computed at ``s_in * s_w``; BatchNorm is already folded; no
+  initializer is listed as a graph input;
+* each layer is ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear``, which onnxruntime fuses
+  into QLinearConv / QGemm. A fused ReLU is the uint8 output range itself (QuantizeLinear
+  clamps at zero point 0), so no Relu node is written; the classifier's float output is
+  ``DQ -> Gemm`` (QGemm with float output);
+* max pooling, flatten, standalone ReLU and concat of equally quantized inputs run directly
+  on the integer tensors (no Q/DQ around them); average pooling is a depthwise conv with
+  int8 weights of 1 (QLinearConv, rounding like gluonq); add and a requantizing concat are
+  ``DQ -> op -> Q`` (QLinearAdd / QLinearConcat);
+* ops gluonq leaves in float (``FloatOp`` steps) are converted with MXNet's own ONNX
+  converters (``mx.onnx``, which needs onnx 1.18.0) one op at a time and spliced in;
+  an op they cannot convert raises :class:`ONNXExportError` naming the step.
+
+Integer agreement with gluonq's MXNet int8 network. onnxruntime's QLinearConv computes
+``round_half_even(float32(acc) * m_ort)``, ``m_ort = float32(float32(s_x * s_w) / s_y)``
+from the three scales in the model; gluonq computes ``round_half_even(float32(acc) * m)``,
+``m = (inv_y / inv_x) / inv_w`` in float32. For each output channel the weight scale
+written is the float32 value next to gluonq's (a relative change below 1e-6) that makes
+``m_ort`` bit-identical to ``m`` (:func:`matching_weight_scales`; for the few channels where
+no float32 value does, one ulp off). With the exact int32 accumulator (int8 weights; VNNI
+``vpdpbusd`` does not saturate) the integers are then identical. What still differs:
+
+* QuantizeLinear divides by the scale where gluonq multiplies by the inverse scale: they can
+  round differently when ``x / s`` is within a float32 ulp of a half-integer;
+* a layer with a fused residual add. gluonq adds the residual before its one rounding;
+  onnxruntime has no int8 conv with a sum input, so the conv result is rounded to an 8-bit
+  intermediate first (``Conv -> Q -> DQ -> Add -> Q``, as onnxruntime's own quantizer does).
+  Its range lies inside the window where saturating it cannot change the result; with
+  ``calib_data`` it is the calibrated range of the conv result with a margin (finer). Where the
+  intermediate does not saturate, a result moves by at most ``floor(s_c / (2 s_y) + 1)``
+  steps (:func:`residual_intermediates` lists ``s_c``);
+* unfused add and requantizing concat use onnxruntime's arithmetic (22-bit fixed-point
+  multipliers, lookup tables): equal except at rounding ties;
+* a float output (the classifier) is ``float32(acc) * (s_x * s_w)`` in onnxruntime and
+  ``float32(acc) / (inv_x * inv_w)`` in gluonq: equal within a few float32 ulps.
+
+:func:`tensor_names` maps gluonq's tensor names to the ONNX tensors holding them (stored in
+the model's metadata), so any int8 tensor can be compared with ``QuantizedNet.forward_all``.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from . import quant
+from .export import atomic_outputs
+
+__all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'ONNXExportError', 'tensor_names',
+           'residual_intermediates', 'onnx_zero_point', 'matching_weight_scales']
+
+
+#: Calibrated pre-add ranges are widened by this factor (then cut to the safe window). On
+#: the MNIST nets of benchmarks/bench_onnx.py, 1.25 gave 0.4-1.9 dB more logit SQNR than the
+#: bare calibrated range on two nets of three (clipping of test inputs beyond the
+#: calibration range costs more than the coarser rounding saves).
+PREADD_MARGIN = 1.25
+
+
+class ONNXExportError(ValueError):
+    """A QuantizedNet step that cannot be written as ONNX."""
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError:                                      # pragma: no cover
+        raise ImportError('gluonq.export_onnx needs the onnx package (onnx==1.18.0 is the '
+                          'last release MXNet\'s float converters work with): '
+                          'pip install "onnx==1.18.0"') from None
+    return onnx, helper, numpy_helper
+
+
+# ---------------------------------------------------------------------------------------
+# float32 arithmetic of onnxruntime's fused kernels, used to pick exact weight scales
+# ---------------------------------------------------------------------------------------
+def _ort_multiplier(s_x, s_w, s_y):
+    """QLinearConv's requantize multiplier: ``float32(float32(s_x * s_w) / s_y)``."""
+    s_x, s_y = np.float32(s_x), np.float32(s_y)
+    return ((s_x * np.asarray(s_w, np.float32)).astype(np.float32) / s_y).astype(np.float32)
+
+
+def matching_weight_scales(m, s_x, s_y, max_steps=64):
+    """Per-channel float32 weight scales ``s`` with ``_ort_multiplier(s_x, s, s_y) == m``.
+
+    Starts at the float32 nearest ``m * s_y / s_x`` and walks up to ``max_steps`` ulps both
+    ways. Not every float32 ``m`` is reachable (the products skip values when a float32
+    multiplication carries into the next binade); such a channel gets the scale whose
+    multiplier is nearest ``m`` (one ulp off). Returns ``(scales, exact_mask)``.
+    """
+    m = np.asarray(m, np.float32).reshape(-1)
+    s0 = (m.astype(np.float64) * np.float64(np.float32(s_y)) /
+          np.float64(np.float32(s_x))).astype(np.float32)
+    k = np.arange(-max_steps, max_steps + 1)
+    # candidates: s0 moved by k ulps (float32 bit patterns of positive values are ordered)
+    cand = (s0.view(np.int32)[:, None] + k[None, :]).astype(np.int32).view(np.float32)
+    got = _ort_multiplier(s_x, cand, s_y)
+    err = np.abs(got.astype(np.float64) - m.astype(np.float64)[:, None])
+    err += np.abs(k)[None, :] * 1e-30          # prefer the fewest steps among equals
+    best = np.argmin(err, axis=1)
+    out = cand[np.arange(len(m)), best]
+    return out.astype(np.float32), _ort_multiplier(s_x, out, s_y) == m
+
+
+# ---------------------------------------------------------------------------------------
+# the builder
+# ---------------------------------------------------------------------------------------
+class _QT:
+    """An integer ONNX tensor holding a gluonq quantized tensor."""
+    __slots__ = ('name', 'qp', 'scale', 'zp', 'onnx_dtype')
+
+    def __init__(self, name, qp, onnx_dtype):
+        self.name = name
+        self.qp = qp
+        self.scale = np.float32(qp.scale)
+        self.onnx_dtype = onnx_dtype
+        self.zp = _zero_point(qp.dtype, onnx_dtype)
+
+
+def _zero_point(gdtype, onnx_dtype):
+    """Zero point that holds gluonq ``gdtype`` integers exactly in ``onnx_dtype``."""
+    return {('int8', 'uint8'): 128, ('uint8', 'uint8'): 0,
+            ('int8', 'int8'): 0, ('uint8', 'int8'): -128}[(gdtype, onnx_dtype)]
+
+
+def _np_dtype(onnx_dtype):
+    return np.uint8 if onnx_dtype == 'uint8' else np.int8
+
+
+class _Builder:
+    def __init__(self, qnet, input_shape, opset, act_dtype, dynamic_batch,
+                 preadd_ranges=None):
+        self.onnx, self.helper, self.numpy_helper = _onnx()
+        self.preadd_ranges = dict(preadd_ranges or {})
+        self.qnet = qnet
+        self.spec = qnet.spec
+        self.opset = opset
+        self.act_dtype = act_dtype
+        self.dynamic_batch = dynamic_batch
+        self.input_shape = tuple(input_shape)
+        self.nodes, self.inits = [], []
+        self.qparam_inits = {}
+        self.env = {}                      # gluonq key -> ONNX float name or _QT
+        self.names = set()
+        self.residual_info = {}
+        self.weight_scale_info = {}
+        self.rows_shape = {}
+        self.shapes = self._tensor_shapes()
+
+    # -- shapes of every tensor from one eager run ----------------------------------------
+    def _tensor_shapes(self):
+        import mxnet as mx
+        x = mx.nd.zeros(self.input_shape)
+        env = self.qnet.forward_all(x)
+        shapes = {}
+        for k, v in env.items():
+            d = v[0] if isinstance(v, (list, tuple)) else v
+            shapes[k] = tuple(d.shape)
+        return shapes
+
+    # -- naming and small helpers ---------------------------------------------------------
+    def fresh(self, base):
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = '%s_%d' % (base, k)
+        self.names.add(name)
+        return name
+
+    def const(self, base, value):
+        name = self.fresh(base)
+        self.inits.append(self.numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op, inputs, outputs, name=None, domain=None, **attrs):
+        n = self.helper.make_node(op, inputs, outputs, name=self.fresh(name or outputs[0]),
+                                  domain=domain, **attrs)
+        self.nodes.append(n)
+        return n
+
+    # -- quantize / dequantize ------------------------------------------------------------
+    def scale_zp(self, qt):
+        """(scale name, zero point name) initializers of a quantized tensor (made once)."""
+        if qt.name not in self.qparam_inits:
+            s = self.const(qt.name + '/scale', np.array(qt.scale, np.float32))
+            z = self.const(qt.name + '/zero_point', np.array(qt.zp, _np_dtype(qt.onnx_dtype)))
+            self.qparam_inits[qt.name] = (s, z)
+        return self.qparam_inits[qt.name]
+
+    def quantize(self, float_name, out_name, qp):
+        qt = _QT(self.fresh(out_name), qp, self.act_dtype)
+        s, z = self.scale_zp(qt)
+        self.node('QuantizeLinear', [float_name, s, z], [qt.name])
+        return qt
+
+    def dequantize(self, qt, out_name=None):
+        """A fresh DequantizeLinear of ``qt`` (one per consumer, as QDQ node units want)."""
+        s, z = self.scale_zp(qt)
+        out = self.fresh(out_name or qt.name + '/dq')
+        self.node('DequantizeLinear', [qt.name, s, z], [out])
+        return out
+
+    def rename(self, tensor, key):
+        """Give the float result ``tensor`` of the last node the name of the gluonq tensor
+        ``key`` when that name is free (graph outputs keep gluonq's names)."""
+        last = self.nodes[-1]
+        if key in self.names or tensor not in last.output:
+            return tensor
+        self.names.add(key)
+        last.output[list(last.output).index(tensor)] = key
+        return key
+
+    def as_float(self, key):
+        v = self.env[key]
+        return self.dequantize(v) if isinstance(v, _QT) else v
+
+    def as_q(self, key, step):
+        v = self.env[key]
+        if not isinstance(v, _QT):
+            raise ONNXExportError('step %r reads %r as a quantized tensor, but it is float'
+                                  % (step['name'], key))
+        return v
+
+    # -- the graph ------------------------------------------------------------------------
+    def build(self):
+        helper, onnx = self.helper, self.onnx
+        inputs = []
+        for k in self.spec['inputs']:
+            shape = list(self.input_shape)
+            if self.dynamic_batch:
+                shape[0] = 'N'
+            inputs.append(helper.make_tensor_value_info(k, onnx.TensorProto.FLOAT, shape))
+            self.env[k] = k
+            self.names.add(k)
+        for step in self.spec['steps']:
+            block = self.qnet._children[step['name']]
+            conv = getattr(self, '_step_' + step['block'], None)
+            if conv is None and step['block'].startswith('QuantizedConv'):
+                conv = self._step_layer
+            if conv is None:
+                raise ONNXExportError('step %r: no ONNX converter for block %s'
+                                      % (step['name'], step['block']))
+            conv(step, block)
+        outputs = []
+        for k in self.spec['outputs']:
+            v = self.env[k]
+            if isinstance(v, _QT):
+                v = self.dequantize(v)
+            name = k
+            if v != name:
+                name = v if v not in [o.name for o in outputs] else self.fresh(k)
+                if name != v:
+                    self.node('Identity', [v], [name])
+            self.env[k] = name
+            shape = list(self.shapes[k])
+            if self.dynamic_batch:
+                shape[0] = 'N'
+            outputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+        graph = helper.make_graph(self.nodes, 'gluonq_int8', inputs, outputs, self.inits)
+        opsets = [helper.make_opsetid('', self.opset)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name='gluonq')
+        from . import __version__
+        model.producer_version = __version__
+        model.ir_version = helper.find_min_ir_version_for(opsets)
+        tensors = {k: (v.name if isinstance(v, _QT) else v) for k, v in self.env.items()}
+        helper.set_model_props(model, {
+            'gluonq.act_dtype': self.act_dtype,
+            'gluonq.tensors': json.dumps(tensors, sort_keys=True),
+            'gluonq.residual_intermediates': json.dumps(self.residual_info, sort_keys=True)})
+        return model
+
+    # -- steps ----------------------------------------------------------------------------
+    def _step_Quantize(self, step, block):
+        if block._qp is None:
+            raise ONNXExportError('step %r quantizes with run-time (dynamic) ranges; ONNX '
+                                  'export needs a calibrated network (gluonq.quantize_net)'
+                                  % step['name'])
+        qp = quant.QParams(block._qp.dtype, block._qp.min, block._qp.max)
+        self.env[step['outputs'][0]] = self.quantize(self.env[step['inputs'][0]],
+                                                     step['outputs'][0], qp)
+
+    def _step_Dequantize(self, step, block):
+        qt = self.as_q(step['inputs'][0], step)
+        self.env[step['outputs'][0]] = self.dequantize(qt, step['outputs'][0])
+
+    def _out_qp(self, block):
+        q = block._out_q
+        return None if q is None else quant.QParams(q.dtype, q.min, q.max)
+
+    def _check_static(self, step, block):
+        if getattr(block, '_in_q', 1) is None or (block.out_dtype != 'float32' and
+                                                  block._out_q is None):
+            raise ONNXExportError('step %r (%s) uses run-time (dynamic) ranges; ONNX export '
+                                  'needs a calibrated network (gluonq.quantize_net)'
+                                  % (step['name'], step['block']))
+
+    def _step_layer(self, step, block):
+        """QuantizedConv{1,2,3}D and QuantizedDense."""
+        self._check_static(step, block)
+        name = step['name']
+        params = {k[len(block.params.prefix):]: v.data().asnumpy()
+                  for k, v in block.params.items()}
+        x = self.as_q(step['inputs'][0], step)
+        qp_in = block._in_q
+        if x.qp.dtype != qp_in.dtype or not np.isclose(x.qp.max, qp_in.max, rtol=1e-6):
+            raise ONNXExportError('step %r: input range %r differs from the calibrated %r'
+                                  % (name, x.qp, qp_in))
+        w_q, s_w = params['weight'], params['weight_scale'].astype(np.float32)
+        units = w_q.shape[0]
+        per_channel = s_w.size > 1
+        out_qp = self._out_qp(block)
+        relu = block._act_type == 'relu'
+        residual = block._residual
+        is_dense = step['block'] == 'QuantizedDense'
+        # the weight scale written to the model
+        inv_in = quant.inv_scale_np(qp_in.min, qp_in.max, qp_in.dtype)
+        inv_w = quant.weight_inv_scale_np(s_w)
+        if out_qp is not None and not residual:
+            inv_out = quant.inv_scale_np(out_qp.min, out_qp.max, out_qp.dtype)
+            m = quant.requantize_multiplier_np(inv_out, inv_in, inv_w).reshape(-1)
+            s_w_model, exact = matching_weight_scales(m, x.scale, np.float32(out_qp.scale))
+            if not per_channel:
+                s_w_model = s_w_model[:1]
+            self.weight_scale_info[name] = (s_w_model, exact)
+        else:
+            s_w_model = s_w.reshape(-1)
+        # weight and bias: int8 / int32 initializers and their DequantizeLinear
+        # a dense layer on the last axis of an n-d tensor (flatten=False) runs as a Gemm on
+        # the (rows, in_units) view of the integers, reshaped back after
+        rows_view = is_dense and not block._flatten and len(self.shapes[step['inputs'][0]]) > 2
+        w_name = self.const(name + '/weight', w_q.astype(np.int8))
+        w_s = self.const(name + '/weight_scale', s_w_model if per_channel else
+                         np.array(s_w_model[0], np.float32))
+        w_z = self.const(name + '/weight_zero_point', np.zeros(units, np.int8) if per_channel
+                         else np.array(0, np.int8))
+        w_dq = self.fresh(name + '/weight/dq')
+        kw = {'axis': 0} if per_channel else {}
+        self.node('DequantizeLinear', [w_name, w_s, w_z], [w_dq], **kw)
+        b_dq = None
+        if 'bias' in params:
+            b = params['bias']
+            if b.dtype != np.int32:
+                raise ONNXExportError('step %r: float bias (dynamic layer)' % name)
+            b_scale = (x.scale * np.broadcast_to(s_w_model, (units,))).astype(np.float32)
+            b_name = self.const(name + '/bias', b.astype(np.int32))
+            b_s = self.const(name + '/bias_scale', b_scale)
+            b_z = self.const(name + '/bias_zero_point', np.zeros(units, np.int32))
+            b_dq = self.fresh(name + '/bias/dq')
+            self.node('DequantizeLinear', [b_name, b_s, b_z], [b_dq], axis=0)
+        # the op
+        x_in = x
+        in_rank = len(self.shapes[step['inputs'][0]])
+        if is_dense and in_rank > 2:
+            flat = _QT(self.fresh(name + '/flatten'), x.qp, self.act_dtype)
+            self.node('Flatten', [x.name], [flat.name], axis=1 if block._flatten else in_rank - 1)
+            x_in = flat
+        x_dq = self.dequantize(x_in)
+        y = self.fresh(name + ('/conv' if not is_dense else '/gemm'))
+        if is_dense:
+            self.node('Gemm', [x_dq, w_dq] + ([b_dq] if b_dq else []), [y], transB=1)
+        else:
+            k = block._kwargs
+            self.node('Conv', [x_dq, w_dq] + ([b_dq] if b_dq else []), [y],
+                      kernel_shape=list(k['kernel']), strides=list(k['stride']),
+                      pads=list(k['pad']) * 2, dilations=list(k['dilate']),
+                      group=int(k['num_group']))
+        out_key = step['outputs'][0]
+        if rows_view:
+            if residual:
+                raise ONNXExportError('step %r: a residual add on a dense layer with '
+                                      'flatten=False is not supported' % name)
+            self._rows_view_shape(name, x.name, units)
+        if residual:
+            r = self.env[step['inputs'][1]]
+            if out_qp is not None and isinstance(r, _QT):
+                # round the conv result to an 8-bit intermediate whose saturation never
+                # changes the final result, then add (QLinearAdd)
+                cq = self._residual_intermediate(name, out_qp, r.qp, relu)
+                c_qt = _QTRaw(self.fresh(name + '/preadd'), cq[0], cq[1], self.act_dtype)
+                self.residual_info[name]['tensor'] = c_qt.name
+                s, z = self.scale_zp(c_qt)
+                self.node('QuantizeLinear', [y, s, z], [c_qt.name])
+                c_dq = self.dequantize(c_qt)
+                y2 = self.fresh(name + '/add')
+                self.node('Add', [c_dq, self.dequantize(r)], [y2])
+                y = y2
+            else:
+                y2 = self.fresh(name + '/add')
+                self.node('Add', [y, self.as_float(step['inputs'][1])], [y2])
+                y = y2
+        if out_qp is None:
+            if relu:
+                y2 = self.fresh(name + '/relu')
+                self.node('Relu', [y], [y2])
+                y = y2
+            elif block._act_type:
+                y = self._float_activation(name, y, block._act_type)
+            if rows_view:
+                y2 = self.fresh(name + '/reshape')
+                self.node('Reshape', [y, self.rows_shape[name]], [y2])
+                y = y2
+            self.env[out_key] = self.rename(y, out_key)
+            return
+        if relu and _zero_point(out_qp.dtype, self.act_dtype) != \
+                np.iinfo(_np_dtype(self.act_dtype)).min:
+            y2 = self.fresh(name + '/relu')
+            self.node('Relu', [y], [y2])
+            y = y2
+        if rows_view:
+            rows = self.quantize(y, name + '/rows', out_qp)
+            qt = _QT(self.fresh(out_key), out_qp, self.act_dtype)
+            self.node('Reshape', [rows.name, self.rows_shape[name]], [qt.name])
+            self.env[out_key] = qt
+            return
+        self.env[out_key] = self.quantize(y, out_key, out_qp)
+
+    def _rows_view_shape(self, name, x_name, units):
+        """Shape tensor ``x.shape[:-1] + (units,)`` (dynamic batch included)."""
+        shp, head = self.fresh(name + '/in_shape'), self.fresh(name + '/out_shape_head')
+        self.node('Shape', [x_name], [shp])
+        starts = self.const(name + '/starts', np.array([0], np.int64))
+        ends = self.const(name + '/ends', np.array([-1], np.int64))
+        self.node('Slice', [shp, starts, ends], [head])
+        last = self.const(name + '/units', np.array([units], np.int64))
+        out = self.fresh(name + '/out_shape')
+        self.node('Concat', [head, last], [out], axis=0)
+        self.rows_shape[name] = out
+
+    def _float_activation(self, name, y, act):
+        ops = {'sigmoid': 'Sigmoid', 'tanh': 'Tanh', 'softrelu': 'Softplus',
+               'softsign': 'Softsign', 'relu': 'Relu'}
+        if act not in ops:
+            raise ONNXExportError('step %r: activation %r has no ONNX converter' % (name, act))
+        y2 = self.fresh(name + '/' + act)
+        self.node(ops[act], [y], [y2])
+        return y2
+
+    def _residual_intermediate(self, name, out_qp, r_qp, relu):
+        """(scale, zero point) of the 8-bit intermediate conv result before a residual add.
+
+        The output saturates to [lo_y, hi_y] and the residual lies in [lo_r, hi_r], so a
+        conv result ``c`` outside the window ``[lo_y - hi_r, hi_y - lo_r]`` saturates the
+        output whatever the residual: saturating ``c`` to the window changes nothing. With
+        calibrated ranges of ``c`` (``calib_data``) the range is the calibrated one widened
+        by :data:`PREADD_MARGIN` and cut to the window: it rounds finer, and the margin
+        keeps inputs a little outside the calibration data from saturating it.
+        """
+        qlo, qhi = quant.QBOUNDS[out_qp.dtype]
+        lo_y, hi_y = qlo * float(out_qp.scale), qhi * float(out_qp.scale)
+        if relu:
+            lo_y = 0.0
+        rlo, rhi = quant.QBOUNDS[r_qp.dtype]
+        lo_r, hi_r = rlo * float(r_qp.scale), rhi * float(r_qp.scale)
+        lo_c, hi_c = lo_y - hi_r, hi_y - lo_r
+        window = [lo_c, hi_c]
+        calibrated = name in self.preadd_ranges
+        if calibrated:
+            clo, chi = self.preadd_ranges[name]
+            clo, chi = PREADD_MARGIN * min(float(clo), 0.0), PREADD_MARGIN * max(float(chi), 0.0)
+            lo_c, hi_c = max(lo_c, clo), min(hi_c, chi)
+            if hi_c - lo_c < quant.EPS_RANGE:
+                lo_c, hi_c = window
+        info = np.iinfo(_np_dtype(self.act_dtype))
+        scale = np.float32((hi_c - lo_c) / (info.max - info.min))
+        zp = int(np.clip(np.rint(info.min - lo_c / float(scale)), info.min, info.max))
+        self.residual_info[name] = {'scale': float(scale), 'zero_point': zp,
+                                    'range': [lo_c, hi_c], 'window': window,
+                                    'calibrated': calibrated, 'tensor': None,
+                                    'out_scale': float(out_qp.scale)}
+        return scale, zp
+
+    def _step_QuantizedDense(self, step, block):
+        self._step_layer(step, block)
+
+    def _step_QuantizedAdd(self, step, block):
+        self._check_static(step, block)
+        a, b = (self.as_q(k, step) for k in step['inputs'])
+        y = self.fresh(step['name'] + '/add')
+        self.node('Add', [self.dequantize(a), self.dequantize(b)], [y])
+        out_qp = self._out_qp(block)
+        out_key = step['outputs'][0]
+        if out_qp is None:
+            if block._relu:
+                y2 = self.fresh(step['name'] + '/relu')
+                self.node('Relu', [y], [y2])
+                y = y2
+            self.env[out_key] = self.rename(y, out_key)
+            return
+        if block._relu and _zero_point(out_qp.dtype, self.act_dtype) != \
+                np.iinfo(_np_dtype(self.act_dtype)).min:
+            y2 = self.fresh(step['name'] + '/relu')
+            self.node('Relu', [y], [y2])
+            y = y2
+        self.env[out_key] = self.quantize(y, out_key, out_qp)
+
+    def _step_QuantizedConcat(self, step, block):
+        self._check_static(step, block)
+        ins = [self.as_q(k, step) for k in step['inputs']]
+        out_qp = self._out_qp(block)
+        out_key = step['outputs'][0]
+        dim = block._dim
+        if all(q.qp == out_qp for q in ins):
+            qt = _QT(self.fresh(out_key), out_qp, self.act_dtype)
+            self.node('Concat', [q.name for q in ins], [qt.name], axis=dim)
+            self.env[out_key] = qt
+            return
+        y = self.fresh(step['name'] + '/concat')
+        self.node('Concat', [self.dequantize(q) for q in ins], [y], axis=dim)
+        self.env[out_key] = self.quantize(y, out_key, out_qp)
+
+    def _step_QuantizedPooling(self, step, block):
+        x = self.as_q(step['inputs'][0], step)
+        k = block._kwargs
+        out_key = step['outputs'][0]
+        in_shape = self.shapes[step['inputs'][0]]
+        if k['global_pool']:
+            kernel, stride, pad = list(in_shape[2:]), [1, 1], [0, 0]
+        else:
+            kernel, stride, pad = list(k['kernel']), list(k['stride']), list(k['pad'])
+        ceil = int(k['pooling_convention'] == 'full')
+        if k['pool_type'] == 'max':
+            qt = _QT(self.fresh(out_key), x.qp, self.act_dtype)
+            self.node('MaxPool', [x.name], [qt.name], kernel_shape=kernel, strides=stride,
+                      pads=pad * 2, ceil_mode=ceil)
+            self.env[out_key] = qt
+            return
+        if not k['global_pool'] and not k.get('count_include_pad', True):
+            raise ONNXExportError('step %r: int8 average pooling with count_include_pad='
+                                  'False has no exact ONNX form' % step['name'])
+        self.env[out_key] = self._avg_pool_as_conv(step['name'], x, in_shape, kernel,
+                                                   stride, pad, ceil, out_key)
+
+    def _avg_pool_as_conv(self, name, x, in_shape, kernel, stride, pad, ceil, out_key):
+        """Average pooling as a depthwise QLinearConv with all-ones int8 weights.
+
+        gluonq (MXNet's int8 pooling) rounds ``sum / count`` half to even. onnxruntime's
+        QLinearConv does the same with the multiplier ``s_x * s_w / s_y``; with
+        ``s_y == s_x`` the weight scale is chosen so that the multiplier is exactly
+        ``float32(1 / count)``. For a power-of-two count that is exact; for any other count
+        ``sum / count`` is never within float32 error of a tie. (onnxruntime's own
+        QLinearAveragePool rounds ties differently.)
+        """
+        c = in_shape[1]
+        count = int(np.prod(kernel))
+        w = self.const(name + '/pool_weight', np.ones((c, 1) + tuple(kernel), np.int8))
+        m = np.array([1.0 / count], np.float32)
+        s_w, _ = matching_weight_scales(m, x.scale, x.scale)
+        ws = self.const(name + '/pool_weight_scale', np.array(s_w[0], np.float32))
+        wz = self.const(name + '/pool_weight_zero_point', np.array(0, np.int8))
+        w_dq = self.fresh(name + '/pool_weight/dq')
+        self.node('DequantizeLinear', [w, ws, wz], [w_dq])
+        if ceil:
+            # MXNet's 'full' convention: extra windows at the end, padded with zeros and
+            # divided by the full kernel size (count_include_pad)
+            extra = []
+            for i, (size, kk, st, p) in enumerate(zip(in_shape[2:], kernel, stride, pad)):
+                n_floor = (size + 2 * p - kk) // st + 1
+                n_ceil = -(-(size + 2 * p - kk) // st) + 1
+                extra.append((n_ceil - n_floor) * st)
+        else:
+            extra = [0] * len(kernel)
+        y = self.fresh(name + '/avgpool')
+        self.node('Conv', [self.dequantize(x), w_dq], [y], kernel_shape=list(kernel),
+                  strides=list(stride), pads=list(pad) + [p + e for p, e in zip(pad, extra)],
+                  group=c)
+        return self.quantize(y, out_key, x.qp)
+
+    def _step_QuantizedFlatten(self, step, block):
+        x = self.as_q(step['inputs'][0], step)
+        out_key = step['outputs'][0]
+        qt = _QT(self.fresh(out_key), x.qp, self.act_dtype)
+        self.node('Flatten', [x.name], [qt.name], axis=1)
+        self.env[out_key] = qt
+
+    def _step_QuantizedActivation(self, step, block):
+        x = self.as_q(step['inputs'][0], step)
+        out_key = step['outputs'][0]
+        if x.qp.dtype == 'uint8':
+            self.env[out_key] = x
+            return
+        qt = _QT(self.fresh(out_key), x.qp, self.act_dtype)
+        zero = self.const(qt.name + '/zero', np.array([x.zp], _np_dtype(self.act_dtype)))
+        self.node('Max', [x.name, zero], [qt.name])
+        self.env[out_key] = qt
+
+    def _step_FloatOp(self, step, block):
+        _float_op(self, step, block)
+
+
+class _QTRaw(_QT):
+    """An ONNX-only 8-bit tensor (not a gluonq tensor) with a given scale and zero point."""
+
+    def __init__(self, name, scale, zp, onnx_dtype):
+        self.name = name
+        self.qp = None
+        self.scale = np.float32(scale)
+        self.zp = int(zp)
+        self.onnx_dtype = onnx_dtype
+
+
+# ---------------------------------------------------------------------------------------
+# float ops: MXNet's own ONNX converters, one op at a time
+# ---------------------------------------------------------------------------------------
+def _float_op(b, step, block):
+    import mxnet as mx
+    from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
+    from .convert.qnet import _find_op
+    name = step['name']
+    ins = [b.as_float(k) for k in step['inputs']]
+    shapes = [b.shapes[k] for k in step['inputs']]
+    sym_in = [mx.sym.var('gluonq_in%d' % i) for i in range(len(ins))]
+    args = list(sym_in)
+    params = {}
+    for pos, pname in block._param_pos:
+        var = 'gluonq_param_' + pname
+        args.insert(pos, mx.sym.var(var))
+        params[var] = block._reg_params[pname].data()
+    try:
+        sym = _find_op(mx.sym, block._op)(*args, **block._attrs)
+    except Exception as err:
+        raise ONNXExportError('step %r: cannot rebuild MXNet operator %s: %s'
+                              % (name, block._op, err)) from None
+    dyn = [(None,) + tuple(s[1:]) for s in shapes] if b.dynamic_batch else None
+    import logging
+    logger = logging.getLogger()
+    level = logger.level
+    try:
+        logger.setLevel(max(level, logging.WARNING))
+        graph = MXNetGraph().create_onnx_graph_proto(
+            sym, params, in_shapes=[tuple(s) for s in shapes],
+            in_types=[b.onnx.helper.np_dtype_to_tensor_dtype(np.dtype(np.float32))] * len(ins),
+            opset_version=b.opset, dynamic=b.dynamic_batch, dynamic_input_shapes=dyn)
+    except Exception as err:
+        raise ONNXExportError(
+            'step %r: gluonq keeps MXNet operator %r in float here, and MXNet\'s ONNX '
+            'converter (mx.onnx, opset %d) cannot convert it: %s: %s. Please report it to '
+            'gluonq, or replace the op in the float network with ops ONNX has before '
+            'quantizing.' % (name, block._op, b.opset, type(err).__name__, err)) from None
+    finally:
+        logger.setLevel(level)
+    rename = {'gluonq_in%d' % i: n for i, n in enumerate(ins)}
+    outs = step['outputs']
+    if len(graph.output) != len(outs):
+        raise ONNXExportError('step %r: %s gave %d ONNX outputs, expected %d'
+                              % (name, block._op, len(graph.output), len(outs)))
+    for o, key in zip(graph.output, outs):
+        rename[o.name] = b.fresh(key)
+    for t in graph.initializer:
+        new = b.fresh(name + '/' + t.name)
+        rename[t.name] = new
+        t2 = b.onnx.TensorProto()
+        t2.CopyFrom(t)
+        t2.name = new
+        b.inits.append(t2)
+
+    def mapped(n):
+        if n == '':
+            return n
+        if n not in rename:
+            rename[n] = b.fresh(name + '/' + n)
+        return rename[n]
+
+    for node in graph.node:
+        n2 = b.onnx.NodeProto()
+        n2.CopyFrom(node)
+        del n2.input[:]
+        n2.input.extend(mapped(i) for i in node.input)
+        del n2.output[:]
+        n2.output.extend(mapped(o) for o in node.output)
+        n2.name = b.fresh(name + '/' + (node.name or node.op_type))
+        b.nodes.append(n2)
+    for o, key in zip(graph.output, outs):
+        b.env[key] = rename[o.name]
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------
+def _resolve_shape(qnet, input_shape):
+    if input_shape is None:
+        input_shape = qnet.spec.get('input_shape')
+        if not input_shape:
+            raise ValueError('export_onnx: pass input_shape (the network was saved without '
+                             'one)')
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) < 2 or any(d <= 0 for d in input_shape):
+        raise ValueError('export_onnx: input_shape must be (batch, channels, ...) with '
+                         'positive sizes, got %s' % (input_shape,))
+    return input_shape
+
+
+def preadd_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
+                  batch_size=32):
+    """Calibrated ranges of the conv/dense results before each fused residual add.
+
+    gluonq adds the residual before its single rounding; onnxruntime needs the conv result
+    as an 8-bit tensor first. This runs gluonq's own int8 network on ``calib_data``,
+    computes each residual layer's result ``c = s_x * s_w * (sum q_x q_w + q_b)`` and
+    observes it with the network's calibration method (``qnet.spec['calibration']``) or
+    ``calib_mode``. Returns ``{step name: (lo, hi)}``.
+    """
+    import mxnet as mx
+    from .calibration.collect import as_batches
+    from .calibration.observers import make_observer
+    layers = [s for s in qnet.spec['steps'] if getattr(qnet._children[s['name']],
+                                                         '_residual', False)]
+    if not layers:
+        return {}
+    mode = calib_mode or qnet.spec.get('calibration', {}).get('mode', 'naive')
+    opts = dict(qnet.spec.get('calibration', {}).get('options', {})) if calib_mode is None \
+        else {}
+    observers = {s['name']: make_observer(mode, dtype='int8', name=s['name'] + ' (pre-add)',
+                                          **opts) for s in layers}
+    for batch in as_batches(calib_data, None, num_calib_examples, batch_size):
+        env = qnet.forward_all(mx.nd.array(batch))
+        for s in layers:
+            block = qnet._children[s['name']]
+            qx = env[s['inputs'][0]]
+            if not isinstance(qx, (list, tuple)):
+                continue
+            xf = qx[0].astype('float32')
+            w = block.weight.data().astype('float32')
+            if hasattr(block, '_kwargs'):
+                acc = mx.nd.Convolution(xf, w, no_bias=True, **block._kwargs)
+                shape = (1, -1) + (1,) * (acc.ndim - 2)
+            else:
+                acc = mx.nd.FullyConnected(xf, w, no_bias=True, num_hidden=w.shape[0],
+                                           flatten=block._flatten)
+                shape = (1, -1)
+            acc = acc.asnumpy().astype(np.float64)
+            if block.bias is not None:
+                acc += block.bias.data().asnumpy().astype(np.float64).reshape(shape)
+            s_w = block.weight_scale.data().asnumpy().astype(np.float64)
+            c = acc * float(block._in_q.scale) * np.broadcast_to(
+                s_w.reshape(-1), (acc.shape[1],)).reshape(shape)
+            observers[s['name']].observe(c.astype(np.float32))
+    out = {}
+    for name, obs in observers.items():
+        if obs.num_batches:
+            lo, hi = obs.calculate_range()
+            lo = max(float(lo), float(obs.min_val))       # a symmetric method's threshold
+            hi = min(float(hi), float(obs.max_val))       # never widens the observed range
+            out[name] = (min(lo, 0.0), max(hi, 0.0))
+    return out
+
+
+def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=True,
+            calib_data=None, calib_mode=None, check=True, return_info=False):
+    """The ONNX ModelProto of ``qnet`` (see :func:`export_onnx`)."""
+    from .convert.qnet import QuantizedNet
+    if not isinstance(qnet, QuantizedNet):
+        raise TypeError('export_onnx takes a QuantizedNet (from gluonq.quantize_net or '
+                        'gluonq.load_quantized), got %s' % type(qnet).__name__)
+    if act_dtype not in ('uint8', 'int8'):
+        raise ValueError("act_dtype must be 'uint8' (onnxruntime's fast U8S8 path) or "
+                         "'int8', got %r" % (act_dtype,))
+    if int(opset) < 13:
+        raise ValueError('export_onnx writes opset 13 or later (per-channel '
+                         'DequantizeLinear), got %r' % (opset,))
+    if calib_data is not None:
+        ranges = preadd_ranges(qnet, calib_data, calib_mode)
+    else:       # ranges the converter observed on the float network, if it recorded them
+        ranges = {k: tuple(v) for k, v in qnet.spec.get('preadd_ranges', {}).items()}
+    b = _Builder(qnet, _resolve_shape(qnet, input_shape), int(opset), act_dtype,
+                 dynamic_batch, ranges)
+    model = b.build()
+    if check:
+        b.onnx.checker.check_model(model)
+    if return_info:
+        return model, {'residual': b.residual_info, 'weight_scales': b.weight_scale_info}
+    return model
+
+
+def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dtype='uint8',
+                dynamic_batch=True, calib_data=None, calib_mode=None):
+    """Write ``qnet`` to ``path`` as an ONNX model in QDQ form (see the module docstring).
+
+    Parameters
+    ----------
+    qnet : QuantizedNet
+        A calibrated network (``gluonq.quantize_net`` or ``gluonq.load_quantized``).
+    path : str
+        The ``.onnx`` file; written atomically (a failed export leaves no file).
+    input_shape : tuple, optional
+        Shape of the input (batch first); default: the shape the network was traced with.
+    opset : int
+        ONNX opset (13 or later).
+    overwrite : bool
+        Replace an existing file.
+    act_dtype : {'uint8', 'int8'}
+        ONNX type of the activations. 'uint8' (default) is onnxruntime's fast path on x86;
+        either holds gluonq's integers exactly (zero point 128 / -128 where gluonq's type
+        differs).
+    dynamic_batch : bool
+        Leave the batch dimension symbolic ('N').
+    calib_data : array, DataLoader or iterable of batches, optional
+        Calibration inputs (the ones given to ``quantize_net``) for the 8-bit conv results
+        that onnxruntime needs before residual adds (see :func:`preadd_ranges`). Without
+        it, ranges recorded in ``qnet.spec['preadd_ranges']`` (``{step: [lo, hi]}``) are
+        used if present, else the widest range that can never change a result, which
+        rounds about 1.5-3x coarser there.
+    calib_mode : str, optional
+        Calibration method for those ranges; default: the one the network was calibrated
+        with.
+
+    Returns
+    -------
+    str : the path written.
+    """
+    model = to_onnx(qnet, input_shape, opset, act_dtype, dynamic_batch, calib_data,
+                    calib_mode)
+    with atomic_outputs([path], overwrite) as (tmp,):
+        with open(tmp, 'wb') as f:
+            _write_model(model, f)
+    return path
+
+
+def _write_model(model, f):
+    f.write(model.SerializeToString())
+
+
+def tensor_names(model):
+    """``{gluonq tensor key: ONNX tensor name}`` of a model written by gluonq.
+
+    A quantized gluonq tensor maps to the ONNX integer tensor holding its integers (uint8
+    ``q + 128`` for gluonq int8 with ``act_dtype='uint8'``, see :func:`onnx_zero_point`); a
+    float tensor maps to its float ONNX tensor.
+    """
+    props = {p.key: p.value for p in model.metadata_props}
+    if 'gluonq.tensors' not in props:
+        raise ValueError('this ONNX model was not written by gluonq.export_onnx')
+    return json.loads(props['gluonq.tensors'])
+
+
+def residual_intermediates(model):
+    """Per residual layer: scale, zero point and range of the 8-bit conv result written
+    before the add (see the module docstring)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props.get('gluonq.residual_intermediates', '{}'))
+
+
+def onnx_zero_point(gluonq_dtype, act_dtype='uint8'):
+    """Zero point of the ONNX tensor holding gluonq ``gluonq_dtype`` integers."""
+    return _zero_point(gluonq_dtype, act_dtype)
