@@ -140,6 +140,22 @@ class TestMXNetQuirks:
         true_hi = (1.0 / 255) * (1.0 / 127) * 2 ** 31     # real value of int32 2**31
         assert hi.asscalar() / true_hi == pytest.approx(255 / 127 * 127.0 / 127, rel=0.02)
 
+    @pytest.mark.parametrize('ic', [4, 8, 24])
+    def test_quantized_conv_saturates_pairs_of_products_to_int16(self, ic):
+        """Why gluonq's reference conv does not use ``contrib.quantized_conv``: for these
+        channel counts oneDNN runs it with kernels that add pairs of u8*s8 products in int16
+        (``vpmaddubsw``), so 255 * 127 * 2 saturates at 32767 and the int32 sum is wrong."""
+        x = np.full((1, ic, 5, 5), 255)
+        q = np.full((8, ic, 3, 3), 127)
+        r = [mx.nd.array([v]) for v in (0, 1, -1, 1)]
+        out = mx.nd.contrib.quantized_conv(mx.nd.array(x, dtype='uint8'),
+                                           mx.nd.array(q, dtype='int8'), None, *r,
+                                           kernel=(3, 3), pad=(1, 1), num_filter=8,
+                                           no_bias=True)[0].asnumpy()
+        exact = quant.conv_int_np(x, q, 1, 1)
+        assert out.max() == 32767 * (ic * 9 // 2)                # every pair saturated
+        assert out.max() < exact.max()
+
     def test_dequantize_uses_127_5(self):
         q = mx.nd.array([127], dtype='int8')
         out = mx.nd.contrib.dequantize(q, mx.nd.array([-1.0]), mx.nd.array([1.0])).asscalar()

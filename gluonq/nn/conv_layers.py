@@ -19,12 +19,12 @@ class _QuantizedConv(QuantizedLayer):
     The int32 accumulator ``sum(q_x * q_w)`` is computed exactly. MXNet's
     ``contrib.quantized_conv`` cannot do that for every layer: it takes only uint8 data and
     ``num_group=1``, has no 1-d layout, and on this kind of CPU oneDNN picks kernels for some
-    channel counts (4, 8, 12, 20, 24, ...) that saturate pairs of products to int16
-    (tests/test_mxnet_quirks.py pins all of it). So the block convolves the integers with
-    the float32 ``Convolution`` operator, where every partial sum is an integer below 2**24
-    and therefore exact; when the scales allow larger sums the input channels are split into
-    chunks that each stay below that bound, and the chunks are added in int32. The fast path
-    (``gluonq.lower``) runs the same integers through oneDNN's fused int8 kernels.
+    channel counts (4, 8, 12, 16, 20, 24, 32, ...) that saturate pairs of products to int16
+    (``TestMXNetQuirks`` in tests/test_quant.py pins all of it). So the block convolves the
+    integers with the float32 ``Convolution`` operator, where every partial sum is an integer
+    below 2**24 and therefore exact; when the scales allow larger sums the input channels are
+    split into chunks that each stay below that bound, and the chunks are added in int32. The
+    fast path (``gluonq.lower``) runs the same integers through oneDNN's fused int8 kernels.
     """
 
     def __init__(self, channels, kernel_size, strides, padding, dilation, groups, layout,
