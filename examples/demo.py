@@ -1,13 +1,14 @@
 """The main job, end to end: a trained float MNIST ResNet-20 checkpoint -> int8.
 
-1. Train gluoncv's cifar_resnet20_v1 on MNIST for one epoch (cached in .cache/ after the
-   first run) and save the float checkpoint.
+1. The float model: gluoncv's cifar_resnet20_v1 trained on MNIST, shipped as
+   data/models/resnet20.params (``--train`` trains it here instead: one epoch, a few
+   minutes on 2 cores).
 2. Convert it with the ``gluonq-convert`` script: 512 calibration images, per-channel
    weights, an int8 checkpoint plus deployment exports.
 3. Load the int8 checkpoint with ``gluonq.load_quantized`` and report fp32 vs int8 top-1 on
    the 10k test images, file sizes and speed.
 
-    python examples/demo.py [--out out/demo] [--calib-mode naive]
+    python examples/demo.py [--out out/demo] [--calib-mode naive] [--train]
 """
 import argparse
 import os
@@ -39,23 +40,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='gluonq demo: MNIST ResNet-20 fp32 -> int8')
     p.add_argument('--out', default=os.path.join(M.ROOT, 'out', 'demo'))
     p.add_argument('--calib-mode', default='naive')
+    p.add_argument('--train', action='store_true',
+                   help='train the float model here instead of using the shipped one')
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
-    print('== 1. float model: gluoncv cifar_resnet20_v1 trained on MNIST (1 epoch)')
-    cache = os.path.join(M.ROOT, '.cache')
-    float_params = os.path.join(cache, 'resnet20-mnist.params')
-    if not os.path.exists(float_params):
+    if args.train:
+        print('== 1. float model: gluoncv cifar_resnet20_v1, trained on MNIST here (1 epoch)')
+        float_params = os.path.join(args.out, 'resnet20-float.params')
         net = M.build('resnet20')
         t = time.time()
-        M.train(net, epochs=1, batch_size=128, lr=0.2, wd=5e-4, eval_test=False,
-                log_every=100)
+        M.train(net, eval_test=False, log_every=100, **M.RECIPES['resnet20'][1])
         print('   trained in %.0f s' % (time.time() - t))
-        os.makedirs(cache, exist_ok=True)
         net.save_parameters(float_params + '.tmp')
         os.replace(float_params + '.tmp', float_params)
     else:
-        print('   using the cached checkpoint %s' % float_params)
+        float_params = M.checkpoint('resnet20')
+        print('== 1. float model: gluoncv cifar_resnet20_v1 trained on MNIST, shipped as %s'
+              % os.path.relpath(float_params))
 
     print('\n== 2. gluonq-convert (calibration: %s, 512 images)' % args.calib_mode)
     data = os.path.join(M.ROOT, 'data', 'mnist.npz')

@@ -1,9 +1,10 @@
 """gluonq vs MXNet's built-in quantizer on MNIST-trained networks, side by side.
 
-For each model (trained here, or loaded from .cache/ in the repo), each calibration mode and
-weight granularity: fp32 top-1 on the 10k test set, int8 top-1 and drop, and logit SQNR
-(int8 logits against fp32, dB) for gluonq and for ``mxnet.contrib.quantization.
-quantize_net_v2`` with the same 512 calibration images and the same mode.
+For each float model shipped in data/models/ (``examples/train_mnist.py`` trains them), each
+calibration mode and weight granularity: fp32 top-1 on the 10k test set, int8 top-1 and
+drop, and logit SQNR (int8 logits against fp32, dB) for gluonq and for
+``mxnet.contrib.quantization.quantize_net_v2`` with the same 512 calibration images and the
+same mode (the built-in has only 'naive' and 'entropy').
 
     python examples/mnist_accuracy.py                       # every model and mode
     python examples/mnist_accuracy.py --models resnet20 --modes naive entropy
@@ -21,35 +22,8 @@ import mnist_models as M  # noqa: E402
 import gluonq  # noqa: E402
 from gluonq import quant  # noqa: E402
 
-CACHE = os.path.join(M.ROOT, '.cache')
-# model -> (build kwargs, train kwargs): SGD + Nesterov, warmup + cosine (fp32 top-1 reached:
-# resnet20 99.26, mobilenet0.25 99.13, mobilenetv2_0.25 98.62, incres 99.24)
-RECIPES = {
-    'resnet20': ({}, dict(epochs=1, batch_size=128, lr=0.2, wd=5e-4)),
-    'mobilenet0.25': ({}, dict(epochs=2, batch_size=128, lr=0.2, wd=5e-4)),
-    'mobilenetv2_0.25': ({}, dict(epochs=2, batch_size=128, lr=0.1, wd=1e-4)),
-    'incres': ({'width': 32}, dict(epochs=1, batch_size=128, lr=0.2, wd=5e-4)),
-}
 MODES = ['naive', 'entropy', 'percentile', 'mse']
 BUILTIN_MODES = ('naive', 'entropy')
-
-
-def trained(name, log=print):
-    """The float model, trained once and cached under .cache/ in the repo."""
-    build_kw, train_kw = RECIPES[name]
-    path = os.path.join(CACHE, '%s.params' % name)
-    net = M.build(name, **build_kw)
-    if os.path.exists(path):
-        net.load_parameters(path)
-    else:
-        log('training %s (%s) ...' % (name, train_kw))
-        M.train(net, verbose=False, eval_test=False, **train_kw)
-        os.makedirs(CACHE, exist_ok=True)
-        tmp = path + '.tmp'
-        net.save_parameters(tmp)
-        os.replace(tmp, path)
-    net.hybridize(static_alloc=True, static_shape=True)
-    return net
 
 
 def builtin(net, xc, yc, mode, per_channel):
@@ -66,7 +40,7 @@ def builtin(net, xc, yc, mode, per_channel):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--models', nargs='+', default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument('--models', nargs='+', default=list(M.RECIPES), choices=list(M.RECIPES))
     p.add_argument('--modes', nargs='+', default=MODES, choices=MODES)
     p.add_argument('--calib', type=int, default=512, help='calibration images')
     p.add_argument('--no-builtin', action='store_true', help='skip MXNet built-in rows')
@@ -79,7 +53,7 @@ def main(argv=None):
     lines = [header, '-' * len(header)]
     print(header, flush=True)
     for name in args.models:
-        net = trained(name)
+        net = M.pretrained(name)
         acc_f, lf = M.evaluate(net, xt, yt)
         for mode in args.modes:
             for pc in (True, False):
@@ -91,7 +65,7 @@ def main(argv=None):
                     name, mode, 'channel' if pc else 'tensor', acc_f, acc_q, acc_f - acc_q,
                     quant.sqnr_db(lf, lq))
                 if mode in BUILTIN_MODES and not args.no_builtin:
-                    b = builtin(trained(name), xc, yc, mode, pc)
+                    b = builtin(M.pretrained(name), xc, yc, mode, pc)
                     acc_b, lb = M.evaluate(b, xt, yt)
                     row += ' %7.2f %+6.2f %6.1f' % (acc_b, acc_f - acc_b, quant.sqnr_db(lf, lb))
                 else:

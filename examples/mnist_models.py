@@ -8,6 +8,7 @@ benchmarks and the tests.
   network with concat branches and residual adds, written with ``F.relu``, ``+``,
   ``F.concat``, ``F.Pooling`` and ``F.flatten``) and ``tiny`` (for fast tests).
 * ``train(net, ...)``: SGD with Nesterov momentum, warmup + cosine, hybridized, seeded.
+* ``pretrained(name)``: the float checkpoints shipped in ``data/models/`` (``RECIPES``).
 """
 import math
 import os
@@ -21,6 +22,16 @@ from mxnet.gluon import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, 'data', 'mnist.npz')
+#: the float checkpoints gluonq ships (trained with RECIPES by examples/train_mnist.py)
+MODELS_DIR = os.path.join(ROOT, 'data', 'models')
+#: model -> (build kwargs, train kwargs) of the shipped checkpoints: SGD + Nesterov, warmup
+#: + cosine, seed 0 (fp32 top-1 in data/models/README.md)
+RECIPES = {
+    'resnet20': ({}, dict(epochs=1, batch_size=128, lr=0.2, wd=5e-4)),
+    'mobilenet0.25': ({}, dict(epochs=2, batch_size=128, lr=0.2, wd=5e-4)),
+    'mobilenetv2_0.25': ({}, dict(epochs=2, batch_size=128, lr=0.1, wd=1e-4)),
+    'incres': ({'width': 32}, dict(epochs=1, batch_size=128, lr=0.2, wd=5e-4)),
+}
 # statistics of MNIST zero-padded to 32x32 with pixels in [0, 1]
 MEAN = 0.10004
 STD = 0.27522
@@ -303,6 +314,24 @@ def train(net, epochs=1, batch_size=128, lr=0.1, wd=5e-4, momentum=0.9, seed=0,
         print('  done: %s' % {k: (round(v, 3) if isinstance(v, float) else v)
                               for k, v in stats.items()}, flush=True)
     return stats
+
+
+def checkpoint(name):
+    """Path of the shipped float checkpoint of ``name`` (a key of :data:`RECIPES`)."""
+    return os.path.join(MODELS_DIR, '%s.params' % name)
+
+
+def pretrained(name):
+    """The shipped float model ``name`` trained on MNIST (hybridized, on the CPU)."""
+    path = checkpoint(name)
+    if not os.path.exists(path):
+        raise FileNotFoundError('%s: no shipped checkpoint for %r; train it with '
+                                'python examples/train_mnist.py --models %s'
+                                % (path, name, name))
+    net = build(name, **RECIPES[name][0])
+    net.load_parameters(path, ctx=mx.cpu())
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
 
 
 def n_params(net):
