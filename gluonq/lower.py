@@ -62,6 +62,18 @@ within about 1e-4 of a rounding tie (tests bound it). Float outputs (dense with
 ``enable_float_output``) differ by float rounding only (relative 1e-7), and an accumulator
 beyond 2**24 rounds to float32 at another point than in the reference.
 
+**CPUs without VNNI.** On x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake / Zen 4)
+oneDNN's int8 kernels add pairs of u8 * s8 products in int16 with saturation (``vpmaddubsw``:
+255 * 127 * 2 > 32767) and, for int8 data, round the weights to even values first -- as
+MXNet's own int8 flow and onnxruntime's U8S8 kernels do on such CPUs.
+:func:`int8_kernels_exact` probes the CPU once. Where the kernels are not exact, ``exact=True``
+lowers every convolution as "split": the uint8 input goes in as two halves of at most 128
+(int8 input as its positive and negative parts, :func:`gluonq.quant.split_operand_f`), so no
+pair saturates and nothing is rounded, each half through a fused int8 convolution returning
+int32, then gluonq's epilogue -- bit-exact, about half the int8 speed; dense layers run
+gluonq's reference dense, which splits the same way. ``exact=False`` keeps the fused layers
+(fast, within oneDNN's saturation of the reference).
+
 **int8 weights on disk** (``int8_weights=True``): the weights are int8 parameters and each
 fused convolution computes its fp32 image in the graph (``Cast``, per-channel scale, and a
 ``one_hot`` correction of the anchor element); the kernel re-quantizes that image at every
@@ -82,7 +94,8 @@ from . import quant
 from .nn import QTensor
 from .nn import _base as qbase
 
-__all__ = ['lower', 'LoweredNet', 'mx_range', 'MX_QRANGE']
+__all__ = ['lower', 'LoweredNet', 'mx_range', 'MX_QRANGE', 'int8_kernels_exact',
+           'halved_weights']
 
 f32 = np.float32
 #: MXNet's quantized-range constants (``kInt8Range``, ``kUint8Range``).
@@ -126,6 +139,19 @@ def _rederive(img, w):
     """The kernel's int8 weights from fp32 images ``img`` (C, K) and per-row scales ``w``."""
     y = (img * w[:, None]).astype(f32)
     return np.rint(np.clip(y, -128, 127)).astype(np.int64)
+
+
+def halved_weights(img, per_channel=True):
+    """The halved int8 weights oneDNN derives from an fp32 weight image for int8 data on a
+    CPU without VNNI: ``rint(f32(img * w) * 0.5)`` with its weight scale
+    ``w = f32(127.5 / max|img|)`` per output channel (or per tensor), half to even -- a
+    weight whose image lands a float32 ulp off the exact half rounds that way."""
+    img = np.asarray(img, f32)
+    im2 = img.reshape(img.shape[0], -1)
+    T = np.abs(im2).max(axis=1) if per_channel else np.full(im2.shape[0], np.abs(im2).max())
+    w = (f32(127.5) / T.astype(f32)).astype(f32)
+    return np.rint((im2 * w[:, None]).astype(f32) * f32(0.5)).astype(np.int64).reshape(
+        img.shape)
 
 
 def _bias_images(b_q, dscale, w):
@@ -263,6 +289,35 @@ def _tensor_image(q2d):
     return None, False
 
 
+_INT8_EXACT = None
+_NO_VNNI = ("this CPU has no VNNI: oneDNN's int8 kernels saturate pairs of u8*s8 products at "
+            'int16 (see int8_kernels_exact)')
+
+
+def int8_kernels_exact():
+    """Does this CPU run oneDNN's int8 convolution exactly (VNNI), or does it saturate pairs
+    of u8 * s8 products at int16 (AVX2, AVX-512 without VNNI)?
+
+    Probed once per process with a worst case: eight uint8 255s against int8 127s, whose
+    exact sum 259080 comes back as 4 * 32767 where pairs saturate.
+    """
+    global _INT8_EXACT
+    if _INT8_EXACT is None:
+        q = np.full((8, 8), 127, np.int64)
+        img, _ = _tensor_image(q)
+        sub = [_var('data'), _var('weight'),
+               {'op': 'Convolution', 'name': 'probe_conv', 'inputs': [[0, 0, 0], [1, 0, 0]],
+                'attrs': {'kernel': '(1, 1)', 'num_filter': '8', 'no_bias': 'True'}}]
+        d, w, lo, hi = (mx.sym.var(n) for n in ('d', 'w', 'lo', 'hi'))
+        conv = _fused('_sg_mkldnn_conv', 'probe', {'quantized': 'true'}, sub, [d, w, lo, hi])
+        out = conv[0].bind(mx.cpu(), args={
+            'd': mx.nd.full((1, 8, 1, 1), 255, dtype='uint8'),
+            'w': mx.nd.array(img.reshape(8, 8, 1, 1)), 'lo': mx.nd.array([0.0]),
+            'hi': mx.nd.array([1.0])}).forward()[0].asnumpy()
+        _INT8_EXACT = bool((out == 8 * 255 * 127).all())
+    return _INT8_EXACT
+
+
 # ---------------------------------------------------------------------------------------
 # graph building helpers
 # ---------------------------------------------------------------------------------------
@@ -300,6 +355,25 @@ def _safe_adds(sym):
             n['op'] = 'broadcast_add'
             changed = True
     return mx.sym.load_json(json.dumps(js)) if changed else sym
+
+
+def _as_int(t):
+    """The integers of ``t`` to be read by float operators (or gluonq's reference blocks).
+
+    A hybridized SymbolBlock builds its backward graph up front, and that fails where a
+    gradient would flow back into an int8 operator without one (``quantized_elemwise_add``,
+    ``quantized_act``) -- also through BlockGrad, and also from an output nobody reads
+    (tests/test_lower.py pins it). ``quantized_flatten`` has a (zero) gradient and consumes
+    the data and both range outputs, so the integers pass it (reshaped back) unchanged.
+    """
+    if t.mx is None:
+        return t.data
+    return mx.sym.reshape_like(mx.sym.contrib.quantized_flatten(t.data, *t.mx)[0], t.data)
+
+
+def _as_float(t):
+    """:func:`_as_int` as float32."""
+    return mx.sym.Cast(_as_int(t), dtype='float32')
 
 
 def _var(name):
@@ -358,8 +432,8 @@ class LoweredNet:
     params : OrderedDict of str -> numpy float32 array
         Every argument / auxiliary state of ``symbol`` except the inputs.
     report : list of dict
-        Per step: ``step``, ``block``, ``lowering`` ('fused', 'int32', 'mxnet-op',
-        'reference', 'float') and ``reason``.
+        Per step: ``step``, ``block``, ``lowering`` ('fused', 'int32', 'split',
+        'mxnet-op', 'reference', 'float') and ``reason``.
     tensors : dict
         gluonq tensor key -> name of the symbol output holding it (int8 tensors: the data
         output, see :meth:`internal`).
@@ -530,7 +604,7 @@ class _Lowerer:
         for k in spec['outputs']:
             v = self.env[k]
             if isinstance(v, _T):
-                v = quant.dequantize_f(mx.sym, QTensor(v.data, *self.gq_rng(v)))
+                v = quant.dequantize_f(mx.sym, QTensor(_as_float(v), *self.gq_rng(v)))
             outs.append(v)
         sym = outs[0] if len(outs) == 1 else mx.sym.Group(outs)
         sym = _safe_adds(self.cast_int_params(sym))
@@ -586,7 +660,7 @@ class _Lowerer:
         return [self.env[k] for k in step['inputs']]
 
     def as_ref_input(self, v):
-        return QTensor(v.data, *self.gq_rng(v)) if isinstance(v, _T) else v
+        return QTensor(_as_int(v), *self.gq_rng(v)) if isinstance(v, _T) else v
 
     def set_out(self, step, value):
         outs = step['outputs']
@@ -843,6 +917,10 @@ class _Lowerer:
         s_w = np.broadcast_to(params['weight_scale'].data().asnumpy().astype(f32).reshape(-1),
                               (C,)).astype(f32)
         b_q = params['bias'].data().asnumpy().astype(np.int64) if 'bias' in params else None
+        if self.exact and not int8_kernels_exact():
+            if not is_conv:
+                return self.lower_reference(step, block, 'reference', _NO_VNNI)
+            return self.lower_split(step, block, x, residual, q, s_w, b_q)
         q2d = q.reshape(C, -1)
         groups = block._kwargs['num_group'] if is_conv else 1
         depthwise = groups > 1 and groups == C and q.shape[1] == 1
@@ -995,6 +1073,41 @@ class _Lowerer:
         self.set_out(step, self.epilogue(step, block, acc, x, residual, s_w, name))
         self.note(step, 'int32', why)
 
+    def lower_split(self, step, block, x, residual, q, s_w, b_q):
+        """An exact int8 convolution where the CPU's kernels saturate int16 pairs: the input
+        as two uint8 halves of at most 128 (:func:`gluonq.quant.split_operand_f`), each
+        through a fused int8 convolution returning the int32 accumulator, then gluonq's
+        epilogue."""
+        C = q.shape[0]
+        img, ok = _tensor_image(q.reshape(C, -1))
+        if not ok:
+            return self.lower_reference(step, block, 'reference', 'no weight of magnitude 127')
+        name = self.unique(step['name'])
+        wsym = self.int8_weight_image(name, q, img.reshape(q.shape), per_tensor=True) \
+            if self.int8_weights else None
+        if wsym is None:
+            wsym = self.const(name + '_weight', img.reshape(q.shape))
+        k = block._kwargs
+        lattrs = {'no_bias': 'True', 'kernel': str(tuple(k['kernel'])),
+                  'stride': str(tuple(k['stride'])), 'dilate': str(tuple(k['dilate'])),
+                  'pad': str(tuple(k['pad'])), 'num_filter': str(k['num_filter']),
+                  'num_group': str(k['num_group']), 'layout': 'NCHW'}
+        # the data range only sets the operator's reported output range (unused here)
+        lo, hi = self.const(name + '_half_min', 0.0), self.const(name + '_half_max', 1.0)
+        accs = []
+        for part, half in zip('ab', quant.split_operand_f(mx.sym, _as_float(x), x.mxdt)):
+            sub = [_var('data'), _var('weight'),
+                   {'op': 'Convolution', 'name': '%s_%s_conv' % (name, part), 'attrs': lattrs,
+                    'inputs': [[0, 0, 0], [1, 0, 0]]}]
+            accs.append(_fused('_sg_mkldnn_conv', '%s_%s' % (name, part), {'quantized': 'true'},
+                               sub, [half, wsym, lo, hi])[0])
+        acc = (mx.sym.broadcast_add if x.mxdt == 'uint8' else mx.sym.broadcast_sub)(*accs)
+        if b_q is not None:
+            acc = mx.sym.broadcast_add(acc, mx.sym.reshape(
+                self.int_const(name + '_bias_int32', b_q.astype(np.int32)), (1, -1, 1, 1)))
+        self.set_out(step, self.epilogue(step, block, acc, x, residual, s_w, name))
+        self.note(step, 'split', _NO_VNNI)
+
     def int_const(self, name, value):
         """An integer constant (stored as float32, cast in the graph)."""
         v = np.asarray(value)
@@ -1025,7 +1138,7 @@ class _Lowerer:
             if residual is not None:
                 r = residual
                 if isinstance(r, _T):
-                    r = quant.dequantize_f(mx.sym, QTensor(r.data, *self.gq_rng(r)))
+                    r = quant.dequantize_f(mx.sym, QTensor(_as_float(r), *self.gq_rng(r)))
                 y = mx.sym.broadcast_add(y, r)
             if block._act_type:
                 y = mx.sym.Activation(y, act_type=block._act_type)
@@ -1036,10 +1149,12 @@ class _Lowerer:
         y = mx.sym.broadcast_mul(accf, mx.sym.reshape(self.const(name + '_mult', m),
                                                       (1, -1, 1, 1)))
         if residual is not None:
-            mr = f32(out.inv / residual.inv)
-            t = mx.sym.broadcast_mul(mx.sym.Cast(residual.data, dtype='float32'),
-                                     self.const(name + '_res_mult', mr))
-            y = mx.sym.broadcast_add(y, t)
+            # one rounding, as gluonq's fused residual (quant.requantize_f, fused_sum=True)
+            mr = mx.sym.Cast(self.const(name + '_res_mult', f32(out.inv / residual.inv)),
+                             dtype='float64')
+            t = mx.sym.broadcast_mul(mx.sym.Cast(_as_float(residual), dtype='float64'), mr)
+            y = mx.sym.Cast(mx.sym.broadcast_add(mx.sym.Cast(y, dtype='float64'), t),
+                            dtype='float32')
         lo, hi = quant.QBOUNDS[out_dt]
         if block._act_type == 'relu':
             lo = 0
@@ -1058,10 +1173,12 @@ def lower(qnet, exact=True, int8_weights=False):
 
     ``exact=True``: every int8 tensor equals the reference chain's; a layer that the fused
     kernel cannot reproduce exactly runs as an int8 convolution with gluonq's float32
-    epilogue ("int32" lowering). ``exact=False`` also fuses layers whose ranges have no
+    epilogue ("int32" lowering), and on a CPU without VNNI every convolution runs "split"
+    (see the module docstring). ``exact=False`` also fuses layers whose ranges have no
     exact MXNet form, with requantize multipliers within one float32 ulp of gluonq's (a
     result can then differ by 1 where the reference is within about 1e-5 of a rounding
-    tie). Reads the current parameter values; call again after changing them.
+    tie), and fuses on CPUs without VNNI too (where oneDNN saturates int16 pairs). Reads
+    the current parameter values; call again after changing them.
 
     ``int8_weights=True`` keeps the weights int8 in the parameters (a file about a quarter of
     the fp32 one): each fused convolution computes its fp32 image in the graph

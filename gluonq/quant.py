@@ -41,9 +41,10 @@ __all__ = ['QRANGE', 'QBOUNDS', 'QParams', 'EPS_RANGE', 'dtype_for_range', 'scal
            'scale_from_max', 'quantize_weight', 'quantize_bias', 'accumulator_bound',
            'inv_scale_f', 'weight_inv_scale_f', 'requantize_multiplier_f', 'quantize_f',
            'dynamic_range_f', 'dequantize_f', 'dequantize_acc_f', 'requantize_f',
-           'bias_to_int32_f', 'round_half_even_f',
+           'bias_to_int32_f', 'round_half_even_f', 'split_operand_f',
            'inv_scale_np', 'weight_inv_scale_np', 'requantize_multiplier_np', 'quantize_np',
-           'dequantize_np', 'requantize_np', 'conv_int_np', 'conv_np', 'dense_int_np', 'sqnr_db']
+           'dequantize_np', 'requantize_np', 'conv_int_np', 'conv_np', 'dense_int_np',
+           'onednn_conv_np', 'onednn_dense_np', 'sqnr_db']
 
 #: Largest integer magnitude of each quantized dtype (the symmetric ranges used everywhere).
 QRANGE = {'int8': 127, 'uint8': 255}
@@ -451,6 +452,25 @@ def requantize_f(F, terms, dtype, relu=False, fused_sum=False):
     return F.cast(round_half_even_f(F, F.clip(y, lo, hi)), dtype)
 
 
+def split_operand_f(F, q, dtype):
+    """Two uint8 tensors ``(a, b)`` with values in [0, 128]: ``q = a + b`` for uint8 ``q``,
+    ``q = a - b`` for int8 ``q``.
+
+    On CPUs without VNNI, oneDNN's int8 kernels add pairs of u8 * s8 products in int16 with
+    saturation (``vpmaddubsw``; 255 * 127 * 2 > 32767), and they shift int8 data to uint8
+    first. With operands of at most 128 no pair exceeds 2 * 128 * 127 = 32512, so
+    ``W a +- W b`` is the exact int32 product on every CPU.
+    """
+    x = F.cast(q, 'float32')
+    if dtype == 'uint8':
+        a = F.floor(x * 0.5)
+        b = x - a
+    else:
+        a = F.relu(x)
+        b = F.relu(-x)
+    return F.cast(a, 'uint8'), F.cast(b, 'uint8')
+
+
 def bias_to_int32_f(F, bias, inv_in, inv_w):
     """Float bias -> int32 at scale ``s_in * s_w`` at run time (dynamic mode)."""
     y = F.round(F.broadcast_mul(F.broadcast_mul(bias, inv_in), inv_w))
@@ -467,11 +487,15 @@ def conv_int_np(qx, qw, stride=1, pad=0, dilate=1, groups=1):
     return conv_np(qx, qw, stride, pad, dilate, groups, np.int64)
 
 
-def conv_np(x, w, stride=1, pad=0, dilate=1, groups=1, dtype=np.float64):
+def conv_np(x, w, stride=1, pad=0, dilate=1, groups=1, dtype=np.float64, tap_sum=None):
     """N-d convolution (cross-correlation) of ``x`` (N, C, *spatial) with ``w``
-    (O, C // groups, *kernel), accumulated in ``dtype``; zero padding."""
+    (O, C // groups, *kernel), accumulated in ``dtype``; zero padding.
+
+    ``tap_sum(patch, wk)`` sums one kernel tap over the input channels of a group (default:
+    the exact dot product); ``patch`` is (N, C // groups, *out_spatial), ``wk`` (O', C')."""
     nd = x.ndim - 2
-    stride, pad, dilate = [(v,) * nd if np.isscalar(v) else tuple(v) for v in (stride, pad, dilate)]
+    stride, pad, dilate = [(v,) * nd if np.isscalar(v) else tuple(v)
+                           for v in (stride, pad, dilate)]
     x = np.pad(x.astype(dtype), [(0, 0), (0, 0)] + [(p, p) for p in pad])
     w = w.astype(dtype)
     n, c = x.shape[:2]
@@ -490,8 +514,72 @@ def conv_np(x, w, stride=1, pad=0, dilate=1, groups=1, dtype=np.float64):
                        for i in range(nd))
             patch = xg[(slice(None), slice(None)) + sl]          # (n, cg, *out_sp)
             wk = wg[(slice(None), slice(None)) + kidx]            # (og, cg)
-            out[:, g * og:(g + 1) * og] += np.einsum('nc...,oc->no...', patch, wk)
+            out[:, g * og:(g + 1) * og] += (tap_sum or _dot)(patch, wk)
     return out
+
+
+def _dot(patch, wk):
+    return np.einsum('nc...,oc->no...', patch, wk)
+
+
+def _int16_pair_sum(patch, wk):
+    """``sum_j saturate_int16(x[2j] w[2j] + x[2j+1] w[2j+1])`` over the channels (an odd
+    last channel pairs with zero): ``vpmaddubsw`` followed by an exact int32 sum."""
+    if patch.shape[1] % 2:
+        patch = np.concatenate([patch, np.zeros_like(patch[:, :1])], axis=1)
+        wk = np.concatenate([wk, np.zeros_like(wk[:, :1])], axis=1)
+    pairs = (np.einsum('nc...,oc->noc...', patch[:, 0::2], wk[:, 0::2]) +
+             np.einsum('nc...,oc->noc...', patch[:, 1::2], wk[:, 1::2]))
+    return np.clip(pairs, -32768, 32767).sum(axis=2)
+
+
+def onednn_conv_np(qx, qw, stride=1, pad=0, dilate=1, groups=1, vnni=True,
+                   halved_weights=None):
+    """The int32 accumulator of oneDNN's int8 convolution (MXNet 1.9.1) as the CPU computes it.
+
+    With VNNI (``vpdpbusd``) it is exact: :func:`conv_int_np`. Without VNNI (AVX2, AVX-512
+    before VNNI), measured and pinned in tests/test_lower.py:
+
+    * int8 data: oneDNN halves the weights to avoid overflow, so the product is exact with
+      weights ``2 * h``, ``h`` the halved weights it derives (depthwise too):
+      ``halved_weights``, by default ``rint(qw / 2)`` (half to even: what it derives from an
+      exact image; a fused kernel of the fast path derives them from its fp32 image,
+      :func:`gluonq.lower.halved_weights`);
+    * uint8 data (not depthwise): ``vpmaddubsw`` adds the products of consecutive input
+      channels (0 and 1, 2 and 3, ... of each group, at the same kernel tap) in int16 with
+      saturation before the int32 accumulation;
+    * uint8 data, depthwise: exact.
+    """
+    if vnni:
+        return conv_int_np(qx, qw, stride, pad, dilate, groups)
+    qw = np.asarray(qw).astype(np.int64)
+    if np.asarray(qx).dtype == np.int8:
+        h = np.rint(qw / 2.0) if halved_weights is None else halved_weights
+        return conv_int_np(qx, 2 * np.asarray(h).astype(np.int64).reshape(qw.shape), stride,
+                           pad, dilate, groups)
+    if groups > 1 and qw.shape[1] == 1:
+        return conv_int_np(qx, qw, stride, pad, dilate, groups)
+    if len(qx) > 4:                                 # bound the memory of the pair products
+        return np.concatenate([onednn_conv_np(qx[i:i + 4], qw, stride, pad, dilate, groups,
+                                              vnni) for i in range(0, len(qx), 4)])
+    return conv_np(np.asarray(qx), qw, stride, pad, dilate, groups, np.int64, _int16_pair_sum)
+
+
+def onednn_dense_np(qx, qw, vnni=True):
+    """The int32 accumulator of oneDNN's int8 fully-connected layer as the CPU computes it
+    (``flatten=True``). Exact with VNNI. Without VNNI the products of consecutive input
+    features are added in int16 with saturation (as :func:`onednn_conv_np` for uint8 data);
+    int8 data is shifted to uint8 first (``x + 128``, compensated exactly by
+    ``-128 * sum(w)``), so it saturates too."""
+    x = np.asarray(qx).reshape(len(qx), -1)
+    if vnni:
+        return dense_int_np(x, qw)
+    qw = np.asarray(qw).astype(np.int64)
+    comp = 0
+    if x.dtype == np.int8:
+        x = (x.astype(np.int64) + 128).astype(np.uint8)
+        comp = -128 * qw.sum(axis=1)[None]
+    return onednn_conv_np(x[:, :, None], qw[:, :, None], vnni=False)[:, :, 0] + comp
 
 
 def dense_int_np(qx, qw, flatten=True):

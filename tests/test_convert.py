@@ -9,7 +9,7 @@ import pytest
 from mxnet.gluon import nn
 
 import gluonq
-from gluonq import quant
+from gluonq import lower, quant
 from gluonq.calibration.collect import CalibrationDataError
 from gluonq.convert import trace_and_fold
 from gluonq.export import CheckpointError
@@ -97,8 +97,13 @@ def test_int8_parameters_and_hybridize():
     assert any(p.dtype == np.int32 for p in q.collect_params().values())
     assert dtypes['scale'] == np.float32
     y = q(mx.nd.array(x)).asnumpy()
-    q.hybridize()
+    q.hybridize(exact=True)                 # eager and hybridized: the same integers
     np.testing.assert_allclose(q(mx.nd.array(x)).asnumpy(), y, rtol=1e-5, atol=1e-5)
+    if lower.int8_kernels_exact():
+        # the default fast path too; without VNNI it runs oneDNN's saturating arithmetic,
+        # checked against a model of it in tests/test_lower.py
+        q.hybridize()
+        np.testing.assert_allclose(q(mx.nd.array(x)).asnumpy(), y, rtol=1e-5, atol=1e-5)
 
 
 def test_calib_data_forms_and_limits():

@@ -2,9 +2,15 @@
 
 Every int8 tensor of the lowered graph is compared with the reference chain (the
 QuantizedNet run op by op) or, where the lowering is allowed to differ, each fused layer is
-recomputed in numpy from the lowered graph's own inputs (gluonq's integer arithmetic) and
-every difference is shown to be a rounding of a value within 1e-4 of a tie. The MXNet
-behaviours the lowering depends on are pinned here too.
+recomputed in numpy from the lowered graph's own inputs (gluonq's integer arithmetic on the
+accumulator the CPU's kernel computes) and every difference is shown to be a rounding of a
+value within 1e-4 of a tie. The MXNet behaviours the lowering depends on are pinned here too.
+
+The kernels' integer arithmetic depends on the CPU: with VNNI it is exact; without VNNI
+(AVX2) oneDNN saturates pairs of u8 * s8 products at int16 or rounds weights to even
+(``quant.onednn_conv_np`` models it, ``lower.int8_kernels_exact`` probes it). The tests run
+on both kinds: they check against the model of the CPU they run on, and ``exact=True``
+lowers convolutions "fused" with VNNI and "split" without.
 """
 import json
 import os
@@ -25,6 +31,10 @@ from gluonq.convert.qnet import QuantizedNet
 import mnist_models as M
 
 f32 = np.float32
+#: does this CPU run oneDNN's int8 kernels exactly (VNNI)?
+VNNI = L.int8_kernels_exact()
+#: how exact=True lowers an ordinary convolution on this CPU
+EXACT_CONV = 'fused' if VNNI else 'split'
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,20 +141,29 @@ def _qparams_of(qnet, key):
     return quant.QParams.from_dict(d)
 
 
-def _np_layer(qnet, step, ins):
-    """gluonq's integer arithmetic for one conv/dense step on given int inputs.
+def _halved(low, step):
+    """The halved weights the fused kernel of ``step`` derives from its fp32 image (int8
+    data on a CPU without VNNI)."""
+    return L.halved_weights(low.params[step['name'] + '_weight'])
+
+
+def _np_layer(qnet, step, ins, vnni=True, low=None):
+    """gluonq's integer arithmetic for one conv/dense step on given int inputs, with the
+    accumulator oneDNN's kernel computes on a CPU with (``vnni``, exact) or without VNNI
+    (then ``low``, the lowered net, gives the fused kernel's fp32 weight image).
 
     Returns ``(q, y)``: the int8/uint8 output and the float32 value it rounds.
     """
     block = qnet._children[step['name']]
     p = {k[len(block.params.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
     if step['block'] == 'QuantizedDense':
-        acc = quant.dense_int_np(ins[0], p['weight'])
+        acc = quant.onednn_dense_np(ins[0], p['weight'], vnni)
         shape = (1, -1)
     else:
         k = block._kwargs
-        acc = quant.conv_int_np(ins[0], p['weight'], k['stride'], k['pad'], k['dilate'],
-                                k['num_group'])
+        halved = _halved(low, step) if not vnni and ins[0].dtype == np.int8 else None
+        acc = quant.onednn_conv_np(ins[0], p['weight'], k['stride'], k['pad'], k['dilate'],
+                                   k['num_group'], vnni, halved)
         shape = (1, -1, 1, 1)
     if 'bias' in p:
         acc = acc + p['bias'].astype(np.int64).reshape(shape)
@@ -166,7 +185,8 @@ def _np_layer(qnet, step, ins):
 
 def _assert_layerwise_bounded(qnet, low, x):
     """Each fused layer of ``low``, recomputed with gluonq's arithmetic from the lowered
-    graph's own inputs, differs only by 1 and only at values within 1e-4 of a tie.
+    graph's own inputs (and the accumulator of this CPU's kernel), differs only by 1 and
+    only at values within 1e-4 of a tie.
     Returns the number of differing outputs and the number of outputs checked."""
     steps = {s['name']: s for s in qnet.spec['steps']}
     fused = [r['step'] for r in low.report if r['lowering'] == 'fused' and
@@ -178,7 +198,7 @@ def _assert_layerwise_bounded(qnet, low, x):
     bad = total = 0
     for n in fused:
         st = steps[n]
-        q, y = _np_layer(qnet, st, [vals[k] for k in st['inputs']])
+        q, y = _np_layer(qnet, st, [vals[k] for k in st['inputs']], VNNI, low)
         got = vals[st['outputs'][0]].astype(np.int64)
         d = got - q.astype(np.int64)
         total += d.size
@@ -277,50 +297,104 @@ def test_pin_onednn_add_misreads_casts_of_onednn_tensors():
     np.testing.assert_array_equal(_eval(L._safe_adds(mx.sym.elemwise_add(a, b)), args)[0], want)
 
 
-def test_pin_fused_conv_without_range_returns_exact_int32_with_per_tensor_weights():
-    """No calibrated output range: the fused conv quantizes its weights per TENSOR
-    (127.5 / max|w|) and returns the raw int32 accumulator."""
-    x = np.random.RandomState(3).randint(0, 256, (2, 8, 6, 6))
-    q = np.random.RandomState(4).randint(-127, 128, (6, 8, 3, 3))
-    q[0, 0, 0, 0] = 127
-    img, ok = L._tensor_image(q.reshape(6, -1))
+def _int32_conv(x, q, groups=1):
+    """The fused int8 conv without an output range (3x3, pad 1) on integers ``x``: int32."""
+    img, ok = L._tensor_image(q.reshape(q.shape[0], -1))
     assert ok
-    data = mx.sym.var('d')
     sub = [L._var('data'), L._var('weight'),
            {'op': 'Convolution', 'name': 'c', 'attrs': {'kernel': '(3, 3)', 'pad': '(1, 1)',
-                                                       'num_filter': '6', 'no_bias': 'True'},
+                                                       'num_filter': str(q.shape[0]),
+                                                       'num_group': str(groups),
+                                                       'no_bias': 'True'},
             'inputs': [[0, 0, 0], [1, 0, 0]]}]
     conv = L._fused('_sg_mkldnn_conv', 'c', {'quantized': 'true'}, sub,
-                    [data, mx.sym.var('w'), mx.sym.var('lo'), mx.sym.var('hi')])
-    out = conv[0].bind(mx.cpu(), args={'d': mx.nd.array(x, dtype='uint8'),
-                                       'w': mx.nd.array(img.reshape(q.shape)),
-                                       'lo': mx.nd.array([0.0]), 'hi': mx.nd.array([1.0])}
-                       ).forward()[0].asnumpy()
-    np.testing.assert_array_equal(out, quant.conv_int_np(x, q, 1, 1))
+                    [mx.sym.var('d'), mx.sym.var('w'), mx.sym.var('lo'), mx.sym.var('hi')])
+    return conv[0].bind(mx.cpu(), args={
+        'd': mx.nd.array(x, dtype=x.dtype), 'w': mx.nd.array(img.reshape(q.shape)),
+        'lo': mx.nd.array([0.0 if x.dtype == np.uint8 else -1.0]),
+        'hi': mx.nd.array([1.0])}).forward()[0].asnumpy()
+
+
+def _hybridized_runs(out, inputs):
+    blk = mx.gluon.SymbolBlock(out, [mx.sym.var(n) for n in inputs])
+    blk.initialize()
+    blk.hybridize(static_alloc=True)
+    try:
+        blk(*[mx.nd.ones((1, 2, 3, 3)) for _ in inputs]).wait_to_read()
+        return True
+    except mx.base.MXNetError as err:
+        assert 'non-differentiable' in str(err)
+        return False
+
+
+def test_pin_float_readers_of_int8_ops_without_gradient_need_a_barrier():
+    """``quantized_elemwise_add`` and ``quantized_act`` register no gradient: a hybridized
+    SymbolBlock in which a float operator reads their output fails to build its backward
+    graph, BlockGrad in between or not. Reading through ``lower._as_float`` works."""
+    def add():
+        qa, qb = (mx.sym.contrib.quantize_v2(mx.sym.var(n), out_type='uint8',
+                                             min_calib_range=0.0, max_calib_range=1.0)
+                  for n in 'ab')
+        r = mx.sym.contrib.quantized_elemwise_add(qa[0], qb[0], qa[1], qa[2], qb[1], qb[2],
+                                                  min_calib_range=0.0, max_calib_range=2.0)
+        return L._T('s', r[0], 'uint8', 2.0, R=f32(2.0), mx_rng=(r[1], r[2]))
+    assert not _hybridized_runs(mx.sym.Cast(add().data, dtype='float32'), 'ab')
+    assert not _hybridized_runs(mx.sym.Cast(mx.sym.BlockGrad(add().data), dtype='float32'),
+                                'ab')
+    assert _hybridized_runs(L._as_float(add()), 'ab')
+    q = mx.sym.contrib.quantize_v2(mx.sym.var('a'), out_type='int8', min_calib_range=-1.0,
+                                   max_calib_range=1.0)
+    r = mx.sym.contrib.quantized_act(q[0], q[1], q[2], act_type='relu')
+    assert not _hybridized_runs(mx.sym.Cast(r[0], dtype='float32'), 'a')
+    assert _hybridized_runs(L._as_float(L._T('r', r[0], 'int8', 1.0, R=f32(1.0),
+                                             mx_rng=(r[1], r[2]))), 'a')
+
+
+def test_pin_fused_conv_without_range_returns_exact_int32_with_per_tensor_weights():
+    """No calibrated output range: the fused conv quantizes its weights per TENSOR
+    (127.5 / max|w|) and returns the raw int32 accumulator -- exact with VNNI, and on any
+    CPU for uint8 data of at most 128 (what the "split" lowering feeds it)."""
+    q = np.random.RandomState(4).randint(-127, 128, (6, 8, 3, 3))
+    q[0, 0, 0, 0] = 127
+    for top in (255, 128):
+        x = np.random.RandomState(3).randint(0, top + 1, (2, 8, 6, 6)).astype(np.uint8)
+        out = _int32_conv(x, q)
+        np.testing.assert_array_equal(out, quant.onednn_conv_np(x, q, 1, 1, vnni=VNNI))
+        if VNNI or top == 128:
+            np.testing.assert_array_equal(out, quant.conv_int_np(x, q, 1, 1))
 
 
 @pytest.mark.parametrize('ic,oc,dtype', [(8, 8, 'uint8'), (24, 24, 'uint8'), (4, 24, 'int8'),
                                          (24, 8, 'int8')])
-def test_pin_fused_conv_does_not_saturate_pairs_to_int16(ic, oc, dtype):
-    """``contrib.quantized_conv`` (NCHW) picks sse41/avx2 kernels for channel counts like
-    8 and 24 that saturate pairs of u8*s8 products to int16; the fused kernel (NHWC) picks
-    VNNI kernels for them here: worst-case inputs give exact sums."""
-    qmax = 255 if dtype == 'uint8' else -128
-    x = np.full((1, ic, 5, 5), qmax)
+def test_pin_fused_conv_worst_case_is_exact_with_vnni_only(ic, oc, dtype):
+    """Worst-case inputs (uint8 255 or int8 -128 against 127). With VNNI (``vpdpbusd``) the
+    fused kernel's sums are exact; without, oneDNN adds pairs of uint8 products in int16 with
+    saturation (255 * 127 * 2 > 32767) and rounds the weights to even for int8 data, so
+    127 acts as 128. ``int8_kernels_exact`` tells the two apart."""
+    x = np.full((1, ic, 5, 5), 255 if dtype == 'uint8' else -128, dtype=dtype)
     q = np.full((oc, ic, 3, 3), 127)
-    img, ok = L._tensor_image(q.reshape(oc, -1))
-    assert ok
-    sub = [L._var('data'), L._var('weight'),
-           {'op': 'Convolution', 'name': 'c', 'attrs': {'kernel': '(3, 3)', 'pad': '(1, 1)',
-                                                       'num_filter': str(oc), 'no_bias': 'True'},
-            'inputs': [[0, 0, 0], [1, 0, 0]]}]
-    conv = L._fused('_sg_mkldnn_conv', 'c', {'quantized': 'true'}, sub,
-                    [mx.sym.var('d'), mx.sym.var('w'), mx.sym.var('lo'), mx.sym.var('hi')])
-    out = conv[0].bind(mx.cpu(), args={'d': mx.nd.array(x, dtype=dtype),
-                                       'w': mx.nd.array(img.reshape(q.shape)),
-                                       'lo': mx.nd.array([0.0 if dtype == 'uint8' else -1.0]),
-                                       'hi': mx.nd.array([1.0])}).forward()[0].asnumpy()
-    np.testing.assert_array_equal(out, quant.conv_int_np(x, q, 1, 1))
+    out = _int32_conv(x, q)
+    exact = quant.conv_int_np(x, q, 1, 1)
+    assert np.array_equal(out, exact) == VNNI
+    if not VNNI and dtype == 'uint8':       # every pair saturates
+        np.testing.assert_array_equal(out, exact // (2 * 255 * 127) * 32767)
+    if not VNNI and dtype == 'int8':
+        np.testing.assert_array_equal(out, quant.conv_int_np(x, np.full_like(q, 128), 1, 1))
+
+
+@pytest.mark.parametrize('dtype,groups', [('uint8', 1), ('int8', 1), ('uint8', 4),
+                                          ('int8', 4), ('uint8', 16), ('int8', 16)])
+def test_pin_fused_conv_integers_follow_the_cpu_model(dtype, groups):
+    """Random integers, odd channel counts, grouped and depthwise: the kernel's int32
+    accumulator is ``quant.onednn_conv_np`` of this CPU, bit for bit."""
+    r = np.random.RandomState(7)
+    ic = 16 if groups > 1 else 13
+    lo = 0 if dtype == 'uint8' else -128
+    x = r.randint(lo, lo + 256, (2, ic, 7, 7)).astype(dtype)
+    q = r.randint(-127, 128, (16, ic // groups, 3, 3))
+    q[0, 0, 0, 0] = 127
+    np.testing.assert_array_equal(_int32_conv(x, q, groups),
+                                  quant.onednn_conv_np(x, q, 1, 1, 1, groups, vnni=VNNI))
 
 
 def test_pin_fused_sum_is_a_fused_multiply_add():
@@ -340,12 +414,14 @@ def test_pin_fused_sum_is_a_fused_multiply_add():
         st = steps[n]
         block = qnet._children[n]
         ins = [vals[k] for k in st['inputs']]
-        q_ref, _ = _np_layer(qnet, st, ins)
+        q_ref, _ = _np_layer(qnet, st, ins, VNNI, low)
         # the fused model: the residual product is not rounded before the add
         p = {k[len(block.params.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
         k = block._kwargs
-        acc = quant.conv_int_np(ins[0], p['weight'], k['stride'], k['pad'], k['dilate'],
-                                k['num_group']) + p['bias'].astype(np.int64).reshape(1, -1, 1, 1)
+        halved = _halved(low, st) if not VNNI and ins[0].dtype == np.int8 else None
+        acc = quant.onednn_conv_np(ins[0], p['weight'], k['stride'], k['pad'], k['dilate'],
+                                   k['num_group'], VNNI, halved) + \
+            p['bias'].astype(np.int64).reshape(1, -1, 1, 1)
         iq, oq = block._in_q, block._out_q
         inv_in = quant.inv_scale_np(iq.min, iq.max, iq.dtype)
         inv_out = quant.inv_scale_np(oq.min, oq.max, oq.dtype)
@@ -383,7 +459,7 @@ def test_exact_lowering_equals_reference_chain_at_every_int8_tensor(name):
     y, ref = blk(mx.nd.array(x)).asnumpy(), qnet(mx.nd.array(x)).asnumpy()
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     kinds = low.counts()
-    assert kinds.get('fused', 0) >= 1
+    assert kinds.get(EXACT_CONV, 0) >= 1
 
 
 def test_special_paths_take_their_lowering():
@@ -393,8 +469,8 @@ def test_special_paths_take_their_lowering():
     blocks = {s['name']: s['block'] for s in qnet.spec['steps']}
     grouped = [n for n, b in blocks.items() if b == 'QuantizedConv2D' and
                qnet._children[n]._kwargs['num_group'] == 4]
-    assert grouped and how[grouped[0]][0] == 'int32'
-    assert 'grouped' in how[grouped[0]][1]
+    assert grouped and how[grouped[0]][0] == ('int32' if VNNI else 'split')
+    assert ('grouped' if VNNI else 'VNNI') in how[grouped[0]][1]
     adds = [n for n, b in blocks.items() if b == 'QuantizedAdd']
     assert adds and how[adds[0]][0] in ('mxnet-op', 'reference')
     assert any(b == 'FloatOp' and how[n][0] == 'float' for n, b in blocks.items())
@@ -450,7 +526,7 @@ def test_int8_add_and_concat_run_as_mxnet_ops_exactly():
     low = L.lower(qnet, exact=True)
     how = {r['step']: r['lowering'] for r in low.report}
     assert how['add'] == 'mxnet-op' and how['cat'] == 'mxnet-op'
-    assert how['a'] == how['b'] == 'fused'
+    assert how['a'] == how['b'] == EXACT_CONV
     ops = [n['op'] for n in json.loads(low.symbol.tojson())['nodes']]
     assert '_contrib_quantized_elemwise_add' in ops and '_contrib_quantized_concat' in ops
     keys = ['x', 'a', 'b', 's', 'c']
@@ -524,7 +600,7 @@ def test_hybridize_runs_the_fast_graph_and_follows_parameter_changes(tmp_path):
     ref = qnet(xs).asnumpy()
     qnet.hybridize(exact=True)
     y = qnet(xs).asnumpy()
-    assert qnet.lowered is not None and qnet.lowered.counts().get('fused', 0) >= 3
+    assert qnet.lowered is not None and qnet.lowered.counts().get(EXACT_CONV, 0) >= 3
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     first = qnet.lowered
     bias = [p for n, p in qnet.collect_params().items() if n.endswith('dense0_bias')][0]

@@ -8,6 +8,7 @@ and its ``.params`` without the float model or calibration data (``gluonq.load_q
 from __future__ import annotations
 
 import copy
+import warnings
 
 import mxnet as mx
 from mxnet.gluon import HybridBlock
@@ -129,8 +130,12 @@ class QuantizedNet(HybridBlock):
         int8 convolutions and dense layers, int8 between layers) as a SymbolBlock hybridized
         with ``static_alloc``/``static_shape`` (and ``kwargs``). It is built at the first call
         and rebuilt after the parameters change (``load_parameters``, ``set_data``).
-        ``exact`` is passed to :func:`gluonq.lower.lower`. Symbolic calls (export) still
-        trace the reference chain. ``fast=False``: Gluon's hybridize of the reference chain.
+        ``exact`` is passed to :func:`gluonq.lower.lower`: with VNNI the fast graph gives
+        gluonq's integers either way (``exact=False`` may differ by one step where a value
+        lies within about 1e-5 of a rounding tie); on a CPU without VNNI ``exact=False``
+        runs oneDNN's saturating int8 arithmetic (a warning says so) and ``exact=True`` the
+        bit-exact, slower "split" convolutions. Symbolic calls (export) still trace the
+        reference chain. ``fast=False``: Gluon's hybridize of the reference chain.
         """
         # not a Block attribute (it would register the SymbolBlock as a child) nor a
         # container of Blocks (Gluon warns about those)
@@ -156,7 +161,14 @@ class QuantizedNet(HybridBlock):
             self.hybridize()
             fast = self._fast
         if fast.block is None:
-            from ..lower import lower
+            from ..lower import int8_kernels_exact, lower
+            if not fast.exact and not int8_kernels_exact():
+                warnings.warn(
+                    "this CPU has no VNNI: oneDNN's int8 kernels add pairs of uint8*int8 "
+                    'products in int16 with saturation and round weights for int8 inputs (as '
+                    "MXNet's own int8 and onnxruntime do on such CPUs), so the fast path can "
+                    "differ slightly from gluonq's integers here; hybridize(exact=True) is "
+                    'bit-exact but slower', RuntimeWarning, stacklevel=3)
             fast.lowered = lower(self, exact=fast.exact)
             blk = fast.lowered.block(release=True)
             hyb = {'static_alloc': True, 'static_shape': True}

@@ -14,8 +14,9 @@ class QuantizedDense(QuantizedLayer):
     r"""Densely-connected layer with int8 weights: the quantized twin of ``nn.Dense``.
 
     ``output = activation(dot(input, weight) + bias)`` computed as
-    ``quantize(input)`` (uint8 or int8) -> ``contrib.quantized_fully_connected`` (int32) ->
-    ``+ bias`` (int32 at ``s_in * s_w``) -> float output or requantized int8/uint8 output.
+    ``quantize(input)`` (uint8 or int8) -> ``contrib.quantized_fully_connected`` (int32, on
+    two uint8 halves of the input, exact on every CPU) -> ``+ bias`` (int32 at
+    ``s_in * s_w``) -> float output or requantized int8/uint8 output.
 
     Parameters
     ----------
@@ -56,12 +57,17 @@ class QuantizedDense(QuantizedLayer):
 
     def hybrid_forward(self, F, x, residual=None, **params):
         qt, inv_in = self._input(F, x, params)
-        # no_bias: MXNet's int8 bias path adds through float32; the int32 bias is added
-        # exactly in the epilogue. The weight range only matters to the (unused) output range.
-        acc = F.contrib.quantized_fully_connected(
-            data=qt.data, weight=params['weight'], min_data=qt.min, max_data=qt.max,
-            min_weight=-F.ones_like(qt.min), max_weight=F.ones_like(qt.max),
-            num_hidden=self._units, no_bias=True, flatten=self._flatten)[0]
+        # The input goes in as two uint8 halves of at most 128 each, so that no CPU's kernel
+        # saturates (see quant.split_operand_f). no_bias: MXNet's int8 bias path adds through
+        # float32; the int32 bias is added exactly in the epilogue. The ranges only set the
+        # operator's output range, which gluonq does not use.
+        one = F.ones_like(qt.max)
+        acc = [F.contrib.quantized_fully_connected(
+            data=half, weight=params['weight'], min_data=F.zeros_like(qt.min), max_data=one,
+            min_weight=-one, max_weight=one, num_hidden=self._units, no_bias=True,
+            flatten=self._flatten)[0] for half in quant.split_operand_f(F, qt.data,
+                                                                         self._in_dtype)]
+        acc = F.broadcast_add(*acc) if self._in_dtype == 'uint8' else F.broadcast_sub(*acc)
         return self._epilogue(F, acc, inv_in, params, residual)
 
     def _channel_bcast_shape(self):
