@@ -8,7 +8,9 @@ model built from the QuantizedNet's own steps and integer parameters:
   tensor is held as is (zero point 0), a gluonq int8 tensor ``q`` as ``q + 128`` with zero
   point 128 -- exact, the same integers after the shift. ``act_dtype='int8'`` writes int8
   tensors instead (zero points 0 / -128);
-* weights are int8 initializers carrying gluonq's integers, with their scales per output
+* weights are int8 initializers carrying gluonq's integers (or, with
+  ``weight_dtype='uint8'``, those integers + 128 with zero point 128: exact on CPUs
+  without VNNI, see :func:`ort_u8s8_exact`), with their scales per output
   channel (``DequantizeLinear`` with ``axis=0``) or per tensor; biases are the int32
   initializers gluonq computed at ``s_in * s_w``; BatchNorm is already folded; no
   initializer is listed as a graph input;
@@ -30,8 +32,9 @@ from the three scales in the model; gluonq computes ``round_half_even(float32(ac
 ``m = (inv_y / inv_x) / inv_w`` in float32. For each output channel the weight scale
 written is the float32 value next to gluonq's (a relative change below 1e-6) that makes
 ``m_ort`` bit-identical to ``m`` (:func:`matching_weight_scales`; for the few channels where
-no float32 value does, one ulp off). With the exact int32 accumulator (int8 weights; VNNI
-``vpdpbusd`` does not saturate) the integers are then identical. What still differs:
+no float32 value does, one ulp off). With the exact int32 accumulator (int8 weights on a
+CPU with VNNI, whose ``vpdpbusd`` does not saturate; uint8 weights on any CPU) the integers
+are then identical. What still differs:
 
 * QuantizeLinear divides by the scale where gluonq multiplies by the inverse scale: they can
   round differently when ``x / s`` is within a float32 ulp of a half-integer;
@@ -60,7 +63,8 @@ from . import quant
 from .export import atomic_outputs
 
 __all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'ONNXExportError', 'tensor_names',
-           'residual_intermediates', 'onnx_zero_point', 'matching_weight_scales']
+           'residual_intermediates', 'onnx_zero_point', 'matching_weight_scales',
+           'ort_u8s8_exact']
 
 
 #: Calibrated pre-add ranges are widened by this factor (then cut to the safe window). On
@@ -68,6 +72,38 @@ __all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'ONNXExportError', 'tensor
 #: bare calibrated range on two nets of three (clipping of test inputs beyond the
 #: calibration range costs more than the coarser rounding saves).
 PREADD_MARGIN = 1.25
+
+
+_ORT_U8S8_EXACT = None
+
+
+def ort_u8s8_exact():
+    """Does onnxruntime's U8S8 int8 GEMM (QLinearConv, QGemm) compute exactly on this CPU?
+
+    With VNNI it does; on x86 CPUs without VNNI it adds pairs of uint8 * int8 products in
+    int16 with saturation (``vpmaddubsw``), as onnxruntime's quantization docs describe.
+    Probed once per process: ``MatMulInteger`` of two uint8 255s against int8 127s, exactly
+    64770, comes back as 32767 where pairs saturate. Then ``weight_dtype='uint8'`` gives
+    exact results.
+    """
+    global _ORT_U8S8_EXACT
+    if _ORT_U8S8_EXACT is None:
+        import onnxruntime as ort
+        onnx, helper, numpy_helper = _onnx()
+        b = numpy_helper.from_array(np.full((2, 1), 127, np.int8), 'b')
+        graph = helper.make_graph(
+            [helper.make_node('MatMulInteger', ['a', 'b'], ['y'])], 'probe',
+            [helper.make_tensor_value_info('a', onnx.TensorProto.UINT8, [1, 2])],
+            [helper.make_tensor_value_info('y', onnx.TensorProto.INT32, [1, 1])], [b])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+        model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid('', 13)])
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=['CPUExecutionProvider'])
+        y = sess.run(None, {'a': np.full((1, 2), 255, np.uint8)})[0]
+        _ORT_U8S8_EXACT = bool(y[0, 0] == 2 * 255 * 127)
+    return _ORT_U8S8_EXACT
 
 
 class ONNXExportError(ValueError):
@@ -143,13 +179,14 @@ def _np_dtype(onnx_dtype):
 
 class _Builder:
     def __init__(self, qnet, input_shape, opset, act_dtype, dynamic_batch,
-                 preadd_ranges=None):
+                 preadd_ranges=None, weight_dtype='int8'):
         self.onnx, self.helper, self.numpy_helper = _onnx()
         self.preadd_ranges = dict(preadd_ranges or {})
         self.qnet = qnet
         self.spec = qnet.spec
         self.opset = opset
         self.act_dtype = act_dtype
+        self.weight_dtype = weight_dtype
         self.dynamic_batch = dynamic_batch
         self.input_shape = tuple(input_shape)
         self.nodes, self.inits = [], []
@@ -279,6 +316,7 @@ class _Builder:
         tensors = {k: (v.name if isinstance(v, _QT) else v) for k, v in self.env.items()}
         helper.set_model_props(model, {
             'gluonq.act_dtype': self.act_dtype,
+            'gluonq.weight_dtype': self.weight_dtype,
             'gluonq.tensors': json.dumps(tensors, sort_keys=True),
             'gluonq.residual_intermediates': json.dumps(self.residual_info, sort_keys=True)})
         return model
@@ -342,11 +380,14 @@ class _Builder:
         # a dense layer on the last axis of an n-d tensor (flatten=False) runs as a Gemm on
         # the (rows, in_units) view of the integers, reshaped back after
         rows_view = is_dense and not block._flatten and len(self.shapes[step['inputs'][0]]) > 2
-        w_name = self.const(name + '/weight', w_q.astype(np.int8))
+        # uint8 weights hold gluonq's integers as q + 128 (zero point 128)
+        w_zp = 128 if self.weight_dtype == 'uint8' else 0
+        w_dt = _np_dtype(self.weight_dtype)
+        w_name = self.const(name + '/weight', (w_q.astype(np.int16) + w_zp).astype(w_dt))
         w_s = self.const(name + '/weight_scale', s_w_model if per_channel else
                          np.array(s_w_model[0], np.float32))
-        w_z = self.const(name + '/weight_zero_point', np.zeros(units, np.int8) if per_channel
-                         else np.array(0, np.int8))
+        w_z = self.const(name + '/weight_zero_point', np.full(units, w_zp, w_dt)
+                         if per_channel else np.array(w_zp, w_dt))
         w_dq = self.fresh(name + '/weight/dq')
         kw = {'axis': 0} if per_channel else {}
         self.node('DequantizeLinear', [w_name, w_s, w_z], [w_dq], **kw)
@@ -759,7 +800,8 @@ def preadd_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
 
 
 def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=True,
-            calib_data=None, calib_mode=None, check=True, return_info=False):
+            calib_data=None, calib_mode=None, check=True, return_info=False,
+            weight_dtype='int8'):
     """The ONNX ModelProto of ``qnet`` (see :func:`export_onnx`)."""
     from .convert.qnet import QuantizedNet
     if not isinstance(qnet, QuantizedNet):
@@ -768,6 +810,9 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
     if act_dtype not in ('uint8', 'int8'):
         raise ValueError("act_dtype must be 'uint8' (onnxruntime's fast U8S8 path) or "
                          "'int8', got %r" % (act_dtype,))
+    if weight_dtype not in ('int8', 'uint8'):
+        raise ValueError("weight_dtype must be 'int8' (onnxruntime's fast U8S8 path) or "
+                         "'uint8' (U8U8: exact on CPUs without VNNI), got %r" % (weight_dtype,))
     if int(opset) < 13:
         raise ValueError('export_onnx writes opset 13 or later (per-channel '
                          'DequantizeLinear), got %r' % (opset,))
@@ -776,7 +821,7 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
     else:       # ranges the converter observed on the float network, if it recorded them
         ranges = {k: tuple(v) for k, v in qnet.spec.get('preadd_ranges', {}).items()}
     b = _Builder(qnet, _resolve_shape(qnet, input_shape), int(opset), act_dtype,
-                 dynamic_batch, ranges)
+                 dynamic_batch, ranges, weight_dtype)
     model = b.build()
     if check:
         b.onnx.checker.check_model(model)
@@ -786,7 +831,7 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
 
 
 def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dtype='uint8',
-                dynamic_batch=True, calib_data=None, calib_mode=None):
+                dynamic_batch=True, calib_data=None, calib_mode=None, weight_dtype='int8'):
     """Write ``qnet`` to ``path`` as an ONNX model in QDQ form (see the module docstring).
 
     Parameters
@@ -807,6 +852,11 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
         differs).
     dynamic_batch : bool
         Leave the batch dimension symbolic ('N').
+    weight_dtype : {'int8', 'uint8'}
+        ONNX type of the weights. 'int8' (default, U8S8) is onnxruntime's fast path. On x86
+        CPUs without VNNI its kernels add pairs of u8 * s8 products in int16 with
+        saturation (``vpmaddubsw``), so results can differ from gluonq's integers there;
+        'uint8' (U8U8, gluonq's integers + 128 with zero point 128) is exact on every CPU.
     calib_data : array, DataLoader or iterable of batches, optional
         Calibration inputs (the ones given to ``quantize_net``) for the 8-bit conv results
         that onnxruntime needs before residual adds (see :func:`preadd_ranges`). Without
@@ -822,7 +872,7 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
     str : the path written.
     """
     model = to_onnx(qnet, input_shape, opset, act_dtype, dynamic_batch, calib_data,
-                    calib_mode)
+                    calib_mode, weight_dtype=weight_dtype)
     with atomic_outputs([path], overwrite) as (tmp,):
         with open(tmp, 'wb') as f:
             _write_model(model, f)

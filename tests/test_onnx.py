@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.join(ROOT, 'examples'))
 import mnist_models as M                                        # noqa: E402
 
 N_TEST = 64
+#: the weight type whose ONNX integers are exact on this CPU: int8 (U8S8, the default and
+#: fast path) saturates pairs of products at int16 on CPUs without VNNI, uint8 (U8U8) not
+WEIGHTS = 'int8' if gonnx.ort_u8s8_exact() else 'uint8'
 
 
 # ---------------------------------------------------------------------------------------
@@ -376,7 +379,7 @@ def test_tiny_integers_equal_end_to_end(tiny, data):
     g = _gluonq_ints(tiny, x)
     qkeys = [s['outputs'][0] for s in tiny.spec['steps'] if s['block'] != 'Dequantize'
              and g[s['outputs'][0]].dtype in (np.int8, np.uint8)]
-    res, names = _onnx_ints(gonnx.to_onnx(tiny), x, qkeys)
+    res, names = _onnx_ints(gonnx.to_onnx(tiny, weight_dtype=WEIGHTS), x, qkeys)
     total = mism = 0
     for k in qkeys:
         o = _unshift(res[names[k]], 'int8' if g[k].dtype == np.int8 else 'uint8')
@@ -407,7 +410,8 @@ def test_zoo_each_step_teacher_forced(zoo, data, tmp_path, calibrated, monkeypat
     independent numpy model of that double rounding except at ties."""
     if not calibrated:               # no ranges from quantize_net: the safe window
         monkeypatch.setitem(zoo._spec, 'preadd_ranges', {})
-    model = gonnx.to_onnx(zoo, calib_data=data[0] if calibrated else None)
+    model = gonnx.to_onnx(zoo, calib_data=data[0] if calibrated else None,
+                          weight_dtype=WEIGHTS)
     names = gonnx.tensor_names(model)
     resid = gonnx.residual_intermediates(model)
     x = data[1][:16]
@@ -529,7 +533,8 @@ def test_zoo_end_to_end_within_bound(zoo, data):
     g = _gluonq_ints(zoo, x)
     last = zoo.spec['steps'][-1]
     xin, out = last['inputs'][0], last['outputs'][0]
-    res, names = _onnx_ints(gonnx.to_onnx(zoo, calib_data=data[0]), x, [xin, out])
+    res, names = _onnx_ints(gonnx.to_onnx(zoo, calib_data=data[0], weight_dtype=WEIGHTS), x,
+                            [xin, out])
     y = res[names[out]]
     err = np.abs(y - g[out])
     bound = _classifier_bound(zoo, g, res, names)
@@ -546,7 +551,7 @@ def test_signed_activations_also_exact(tiny, data):
     """act_dtype='int8' (S8S8, zero points 0 / -128) holds the same integers."""
     x = data[1][:16]
     g = _gluonq_ints(tiny, x)
-    model = gonnx.to_onnx(tiny, act_dtype='int8')
+    model = gonnx.to_onnx(tiny, act_dtype='int8', weight_dtype=WEIGHTS)
     keys = [s['outputs'][0] for s in tiny.spec['steps']
             if g[s['outputs'][0]].dtype in (np.int8, np.uint8)]
     res, names = _onnx_ints(model, x, keys)
@@ -567,7 +572,7 @@ def test_float_ops_converted(floatops, data, tmp_path):
     The whole network runs in onnxruntime; its top-1 agreement with gluonq is a sanity
     check (a 40-step net, float results re-quantized after the float ops can flip at
     ties and propagate)."""
-    model = gonnx.to_onnx(floatops)
+    model = gonnx.to_onnx(floatops, weight_dtype=WEIGHTS)
     kinds = {s['config'].get('op') for s in floatops.spec['steps'] if s['block'] == 'FloatOp'}
     assert {'sigmoid', 'broadcast_mul', 'hard_sigmoid', 'FullyConnected',
             '_mul_scalar', '_minus_scalar'} <= kinds, kinds
@@ -646,7 +651,7 @@ def test_per_tensor_weights_exact(data):
     """per_channel=False: scalar weight scales (DequantizeLinear without axis), same
     integers as gluonq."""
     qnet = _quantize(_trained(M.build('tiny'), steps=20), data[0], per_channel=False)
-    model = gonnx.to_onnx(qnet)
+    model = gonnx.to_onnx(qnet, weight_dtype=WEIGHTS)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     convs = [s['name'] for s in qnet.spec['steps'] if s['block'] == 'QuantizedConv2D']
     for name in convs:
@@ -691,7 +696,7 @@ def test_dense_without_flatten(data, tmp_path):
     qnet = _quantize(_trained(SeqDenseNet(), steps=20), data[0])
     step = next(s for s in qnet.spec['steps'] if s['block'] == 'QuantizedDense' and
                 not s['config']['flatten'])
-    model = gonnx.to_onnx(qnet)
+    model = gonnx.to_onnx(qnet, weight_dtype=WEIGHTS)
     ops = _ort_ops(model, tmp_path)
     assert ops.count('QGemm') == 2 and 'MatMulIntegerToFloat' not in ops
     x = data[1][:16]
@@ -704,3 +709,27 @@ def test_dense_without_flatten(data, tmp_path):
     bad = got != g[out]
     assert (np.abs(got - g[out].astype(np.int32)) <= 1).all()
     assert _near_tie(v[bad], 1e-6 * np.abs(v[bad]) + 1e-6).all()
+
+
+def test_uint8_weights_are_exact_where_int8_weights_saturate(tiny, data):
+    """The default int8 weights (U8S8) are exact on a CPU with VNNI only; without VNNI
+    onnxruntime saturates pairs of products at int16 there, and ``weight_dtype='uint8'``
+    (gluonq's integers + 128, zero point 128) gives gluonq's integers again."""
+    x = data[1]
+    g = _gluonq_ints(tiny, x)
+    keys = [s['outputs'][0] for s in tiny.spec['steps']
+            if s['block'].startswith('QuantizedConv')]
+    mism = {}
+    for wd in ('int8', 'uint8'):
+        model = gonnx.to_onnx(tiny, weight_dtype=wd)
+        w = [t for t in model.graph.initializer if t.name.endswith('/weight')]
+        assert w and all(t.data_type == getattr(onnx.TensorProto, wd.upper()) for t in w)
+        res, names = _onnx_ints(model, x, keys)
+        mism[wd] = sum(int((_unshift(res[names[k]], 'int8' if g[k].dtype == np.int8 else
+                                     'uint8') != g[k]).sum()) for k in keys)
+    total = sum(g[k].size for k in keys)
+    assert mism['uint8'] <= max(3, 1e-4 * total)            # rounding ties only
+    if gonnx.ort_u8s8_exact():
+        assert mism['int8'] <= max(3, 1e-4 * total)
+    else:
+        assert mism['int8'] > 100 * max(mism['uint8'], 1)
