@@ -75,6 +75,9 @@ def _parser():
     out.add_argument('--export-compact', metavar='PREFIX', help='also write a deployment '
                      'export for stock MXNet with int8 weights on disk')
     out.add_argument('--onnx', metavar='PATH', help='also write an ONNX (QDQ) model')
+    out.add_argument('--onnx-weights', default='int8', choices=['int8', 'uint8'],
+                     help="ONNX weight type: int8 (U8S8, onnxruntime's fast path) or uint8 "
+                     '(U8U8: exact also on CPUs without VNNI, where U8S8 saturates)')
     out.add_argument('--report-png', metavar='PATH', help='bar chart of per-layer SQNR')
     out.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -312,7 +315,8 @@ def run(args):
             written += gluonq.export_compact(qnet, args.export_compact,
                                              overwrite=args.overwrite)
         if args.onnx:
-            written.append(gluonq.export_onnx(qnet, args.onnx, overwrite=args.overwrite))
+            written.append(gluonq.export_onnx(qnet, args.onnx, overwrite=args.overwrite,
+                                              weight_dtype=args.onnx_weights))
         if args.report_png:
             written.append(debug.plot(rows, args.report_png))
     except BaseException:

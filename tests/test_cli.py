@@ -134,3 +134,32 @@ def test_python_dash_m_entry_point(tiny_ckpt, tmp_path):
     r = subprocess.run([sys.executable, '-m', 'gluonq.convert', '--help'], env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0 and '--calib-mode' in r.stdout
+
+
+@pytest.mark.parametrize('weights', ['int8', 'uint8'])
+def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
+    """--onnx writes the QDQ model with the chosen weight type. Where onnxruntime computes
+    exactly (uint8 weights, or int8 weights on a CPU with VNNI) its logits match the int8
+    checkpoint's own (gluonq's reference chain) within the bound the classifier's scales
+    allow for a few rounding-tie differences; the saturating case is test_onnx's."""
+    ort = pytest.importorskip('onnxruntime')
+    import gluonq.onnx as gonnx
+    out, path = tmp_path / 'q', str(tmp_path / 'q.onnx')
+    assert cli.main(_argv(tiny_ckpt, out, '--onnx', path, '--onnx-weights', weights)) == 0
+    qnet = gluonq.load_quantized(str(out))
+    xt = np.load(str(tiny_ckpt / 'test.npz'))['x'][:100]
+    ref = qnet(mx.nd.array(xt)).asnumpy()                  # eager: the reference chain
+    import onnx
+    model = onnx.load(path)
+    assert {t.data_type for t in model.graph.initializer if t.name.endswith('/weight')} == \
+        {getattr(onnx.TensorProto, weights.upper())}
+    sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    got = sess.run(None, {sess.get_inputs()[0].name: xt})[0]
+    assert got.shape == ref.shape
+    if weights == 'uint8' or gonnx.ort_u8s8_exact():
+        # one step of the classifier's input moves a logit by at most s_x * max|s_w q_w|
+        fc = qnet._children[qnet.spec['steps'][-1]['name']]
+        w = fc.weight.data().asnumpy().astype(np.float64)
+        step = float(fc._in_q.scale) * np.abs(
+            w * fc.weight_scale.data().asnumpy()[:, None]).sum(1)
+        assert (np.abs(got - ref) <= 3 * step[None] + 1e-4 * np.abs(ref).max()).all()
