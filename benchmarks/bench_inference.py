@@ -1,6 +1,7 @@
-"""Inference speed and memory of fp32, MXNet's built-in int8 and gluonq's int8 paths.
+"""Inference speed and memory of gluonq's int8 against fp32, MXNet's built-in int8 and
+onnxruntime, in one run.
 
-One run measures gluoncv models at 224x224 (random weights, the same for every variant):
+gluoncv models at 224x224 (random weights, the same for every variant):
 
 * ``fp32``          hybridized (static_alloc, static_shape);
 * ``fp32-mkldnn``   hybridized with ``backend='MKLDNN'`` (oneDNN graph fusion);
@@ -9,11 +10,18 @@ One run measures gluoncv models at 224x224 (random weights, the same for every v
 * ``gluonq``        ``gluonq.load_quantized`` + ``qnet.hybridize()`` (the fast path);
 * ``fast-export``   ``gluonq.export.export_fast`` reloaded in stock MXNet (no gluonq import);
 * ``int8w-export``  ``export_fast(int8_weights=True)``: int8 weights on disk, fused kernels;
-* ``compact``       ``gluonq.export_compact`` (gluonq's reference chain, int8 on disk).
+* ``compact``       ``gluonq.export_compact`` (gluonq's reference chain, int8 on disk);
+* ``ort-fp32``      onnxruntime on the float model (``mx.onnx.export_model``);
+* ``ort-qstatic``   onnxruntime on its own ``quantize_static`` model (QDQ, U8S8, per channel,
+                    MinMax, after ``quant_pre_process``; the same calibration images);
+* ``gluonq-onnx``   onnxruntime on ``gluonq.export_onnx`` of the same gluonq network.
 
-Every variant runs in its own subprocess (its peak RSS is its memory), variants are
+Every variant runs in its own subprocess (its peak RSS is its memory; the MXNet exports
+and onnxruntime sessions import neither gluonq nor, for onnxruntime, MXNet), variants are
 interleaved and the whole set is repeated ``--rounds`` times; the table shows medians.
-Images/s is the median of ``--runs`` timed calls after ``--warmup`` calls.
+Images/s is the median of ``--runs`` timed calls after ``--warmup`` calls. The lines
+before the tables say whether this CPU runs int8 exactly (VNNI): without VNNI oneDNN and
+onnxruntime saturate int16 pairs, and int8 gains less over fp32.
 
     python benchmarks/bench_inference.py                              # everything
     python benchmarks/bench_inference.py --models resnet18_v1 --batches 1 --rounds 1
@@ -32,8 +40,26 @@ import time
 
 MODELS = ['resnet18_v1', 'resnet50_v1', 'mobilenet1.0', 'mobilenetv2_1.0']
 VARIANTS = ['fp32', 'fp32-mkldnn', 'builtin', 'gluonq', 'fast-export', 'int8w-export',
-            'compact']
+            'compact', 'ort-fp32', 'ort-qstatic', 'gluonq-onnx']
+ORT_VARIANTS = ('ort-fp32', 'ort-qstatic', 'gluonq-onnx')
+#: the int8 variants of each runtime that gluonq is measured against
+ANCHORS = {'gluonq': 'builtin', 'fast-export': 'builtin', 'gluonq-onnx': 'ort-qstatic'}
 SHAPE = (3, 224, 224)
+
+
+def session(path, threads=2):
+    """An onnxruntime CPU session with full graph optimization."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+
+
+def run_session(sess, x):
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,6 +126,19 @@ def job_convert(model, which, workdir, n_calib):
         qnet.export(p('builtin'))
         return out
     import gluonq
+    if which == 'onnx':
+        import bench_onnx
+        shape = (1,) + SHAPE
+        bench_onnx.export_fp32(net, shape, p('ort-fp32.onnx'))
+        t = time.time()
+        bench_onnx.ort_quantize_static(p('ort-fp32.onnx'), p('ort-qstatic.onnx'), x)
+        out['ort_quantize_s'] = time.time() - t
+        t = time.time()
+        gluonq.export_onnx(gluonq.load_quantized(p('gluonq')), p('gluonq-onnx.onnx'),
+                           input_shape=shape, overwrite=True, calib_data=x)
+        out['export_onnx_s'] = time.time() - t
+        out['sizes'] = {v: os.path.getsize(p(v + '.onnx')) for v in ORT_VARIANTS}
+        return out
     from gluonq import lower as L
     from gluonq.export import export_fast
     t = time.time()
@@ -165,6 +204,36 @@ def job_run(model, variant, workdir, batches, runs, warmup):
     return res
 
 
+def job_run_ort(model, variant, workdir, batches, runs, warmup, threads):
+    """job_run for an onnxruntime variant (neither MXNet nor gluonq imported)."""
+    import numpy as np
+    for mod in ('mxnet', 'gluonq'):
+        assert mod not in sys.modules
+        sys.modules[mod] = None
+    sess = session(os.path.join(workdir, '%s-%s.onnx' % (model, variant)), threads)
+    res = {}
+    r = np.random.RandomState(2)
+    for bs in batches:
+        x = r.uniform(-2, 2, (bs,) + SHAPE).astype(np.float32)
+        for _ in range(warmup):
+            run_session(sess, x)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            run_session(sess, x)
+            times.append(time.perf_counter() - t)
+        res[str(bs)] = bs / float(np.median(times))
+    res['rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return res
+
+
+def cpu_info():
+    """Whether oneDNN's and onnxruntime's int8 kernels are exact here (VNNI)."""
+    from gluonq.lower import int8_kernels_exact
+    from gluonq.onnx import ort_u8s8_exact
+    return {'onednn_int8_exact': int8_kernels_exact(), 'ort_u8s8_exact': ort_u8s8_exact()}
+
+
 def _sub(args_list, threads, timeout=3600):
     cmd = [sys.executable, os.path.abspath(__file__)] + args_list
     env = dict(os.environ)
@@ -191,10 +260,11 @@ def main(argv=None):
     ap.add_argument('--warmup', type=int, default=3)
     ap.add_argument('--rounds', type=int, default=2, help='interleaved repetitions')
     ap.add_argument('--calib', type=int, default=64, help='calibration images')
-    ap.add_argument('--threads', type=int, default=1,
-                    help='OMP_NUM_THREADS of the timed processes (default 1: on a shared '
-                         'machine, OpenMP barriers of 2 threads on a busy core make small '
-                         'batches erratic)')
+    ap.add_argument('--threads', type=int, default=os.cpu_count() or 1,
+                    help='threads of the timed processes (OMP_NUM_THREADS, onnxruntime '
+                         'intra-op threads); default: every core. On a shared machine 1 '
+                         'is steadier (OpenMP barriers on a busy core make small batches '
+                         'erratic)')
     ap.add_argument('--workdir', help='keep models and exports here (default: temporary)')
     ap.add_argument('--_convert', nargs=3, help=argparse.SUPPRESS)
     ap.add_argument('--_run', nargs=3, help=argparse.SUPPRESS)
@@ -205,8 +275,12 @@ def main(argv=None):
         return 0
     if args._run:
         model, variant, workdir = args._run
-        print('RESULT ' + json.dumps(job_run(model, variant, workdir, args.batches, args.runs,
-                                             args.warmup)))
+        if variant in ORT_VARIANTS:
+            r = job_run_ort(model, variant, workdir, args.batches, args.runs, args.warmup,
+                            args.threads)
+        else:
+            r = job_run(model, variant, workdir, args.batches, args.runs, args.warmup)
+        print('RESULT ' + json.dumps(r))
         return 0
 
     variants = list(args.variants)
@@ -214,13 +288,20 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     print('workdir %s; %d cores, %d thread(s) per timed process; load average at start '
           '%.2f' % (workdir, os.cpu_count(), args.threads, os.getloadavg()[0]), flush=True)
+    print('int8 kernels exact on this CPU (VNNI): %s' % cpu_info(), flush=True)
+    converts = ['builtin', 'gluonq'] + (['onnx'] if set(variants) & set(ORT_VARIANTS) else [])
     conv = {}
     try:
         for model in args.models:
-            for which in ['builtin', 'gluonq']:
+            for which in converts:
                 conv[(model, which)] = r = _sub(['--_convert', model, which, workdir,
                                                  '--calib', str(args.calib)],
                                                 os.cpu_count() or 1)
+                if which == 'onnx':
+                    print('exported %-16s onnx: quantize_static %.1f s, gluonq export_onnx '
+                          '%.1f s' % (model, r['ort_quantize_s'], r['export_onnx_s']),
+                          flush=True)
+                    continue
                 print('converted %-16s %-8s in %6.1f s%s' % (
                     model, which, r['convert_s'],
                     '' if 'lower_s' not in r else '  (lowering %.1f s: %s; not fused: %s)'
@@ -256,18 +337,19 @@ def _median(vals):
 def report(args, variants, conv, results, loads):
     print('\n## images/s (median over %d rounds of the median of %d runs)\n' % (
         args.rounds, args.runs))
-    head = '| model | batch | ' + ' | '.join(variants) + \
-        ' | gluonq/fp32 | gluonq/builtin | fast-export/builtin |'
+    ratios = [('gluonq', 'fp32')] + [(a, b) for a, b in ANCHORS.items()] + \
+        [('gluonq-onnx', 'builtin'), ('gluonq-onnx', 'fp32')]
+    ratios = [(a, b) for a, b in ratios if a in variants and b in variants]
+    head = '| model | batch | ' + ' | '.join(variants) + ' | ' + \
+        ' | '.join('%s/%s' % r for r in ratios) + ' |'
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
     for model in args.models:
         for bs in args.batches:
             v = {var: _median([r[str(bs)] for r in results[(model, var)]]) for var in variants}
-            ratio = lambda a, b: ('%.2f' % (v[a] / v[b])) if a in v and b in v else '-'  # noqa
-            print('| %s | %d | %s | %s | %s | %s |' % (
+            print('| %s | %d | %s | %s |' % (
                 model, bs, ' | '.join('%.1f' % v[var] for var in variants),
-                ratio('gluonq', 'fp32'), ratio('gluonq', 'builtin'),
-                ratio('fast-export', 'builtin')))
+                ' | '.join('%.2f' % (v[a] / v[b]) for a, b in ratios)))
     print('\n## peak memory (MB, max RSS of the variant\'s process)\n')
     print('| model | ' + ' | '.join(variants) + ' |')
     print('|' + '---|' * (len(variants) + 1))
@@ -286,6 +368,12 @@ def report(args, variants, conv, results, loads):
                   g['lower_s'], s['fp32'] / 1e6, s['fast'] / 1e6,
                   s['int8w'] / 1e6, 100.0 * s['int8w'] / s['fp32'], s['compact'] / 1e6,
                   100.0 * s['compact'] / s['fp32']))
+        if (model, 'onnx') in conv:
+            o = conv[(model, 'onnx')]['sizes']
+            print('%-16s .onnx MB: fp32 %.1f, onnxruntime quantize_static %.1f, gluonq %.1f '
+                  '(%.0f%%)' % (model, o['ort-fp32'] / 1e6, o['ort-qstatic'] / 1e6,
+                                o['gluonq-onnx'] / 1e6,
+                                100.0 * o['gluonq-onnx'] / o['ort-fp32']))
     print('\nload average during the runs: min %.2f, median %.2f, max %.2f (%d cores)' % (
         min(loads), _median(loads), max(loads), os.cpu_count()))
 

@@ -51,6 +51,8 @@ import gluonq                                        # noqa: E402
 from gluonq import quant                             # noqa: E402
 from gluonq.onnx import export_onnx                  # noqa: E402
 
+from bench_inference import run_session, session     # noqa: E402
+
 
 # ---------------------------------------------------------------------------------------
 # float export and onnxruntime's own quantizer
@@ -111,20 +113,6 @@ def ort_quantize_static(fp32_path, out_path, calib, batch_size=1):
                     per_channel=True, calibrate_method=CalibrationMethod.MinMax)
     os.remove(pre)
     return out_path
-
-
-def session(path, threads=2):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
-
-
-def run_session(sess, x):
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
 def op_counts(sess_path):
