@@ -16,8 +16,9 @@ model built from the QuantizedNet's own steps and integer parameters:
   initializer is listed as a graph input;
 * each layer is ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear``, which onnxruntime fuses
   into QLinearConv / QGemm. A fused ReLU is the uint8 output range itself (QuantizeLinear
-  clamps at zero point 0), so no Relu node is written; the classifier's float output is
-  ``DQ -> Gemm`` (QGemm with float output);
+  clamps at zero point 0), so no Relu node is written; on a ReLU'd gluonq int8 tensor (zero
+  point 128) it is an integer ``Max`` after the QuantizeLinear, which keeps the unit fusable;
+  the classifier's float output is ``DQ -> Gemm`` (QGemm with float output);
 * max pooling, flatten, standalone ReLU and concat of equally quantized inputs run directly
   on the integer tensors (no Q/DQ around them); average pooling is a depthwise conv with
   int8 weights of 1 (QLinearConv, rounding like gluonq); add and a requantizing concat are
@@ -244,6 +245,24 @@ class _Builder:
         self.node('QuantizeLinear', [float_name, s, z], [qt.name])
         return qt
 
+    def quantize_relu(self, y, out_key, qp, relu):
+        """QuantizeLinear of ``y`` with a fused ReLU if ``relu``. Where the zero point is the
+        bottom of the integer range the saturation is the ReLU; otherwise an integer ``Max``
+        with the zero point follows the quantize (exact: quantization is monotonic and maps
+        0 to the zero point). A float Relu before it would break the DQ -> op -> Q unit
+        that onnxruntime fuses into an int8 kernel."""
+        if not relu or _zero_point(qp.dtype, self.act_dtype) == \
+                np.iinfo(_np_dtype(self.act_dtype)).min:
+            return self.quantize(y, out_key, qp)
+        return self.relu_q(self.quantize(y, out_key + '/prerelu', qp), out_key)
+
+    def relu_q(self, x, out_key):
+        """ReLU on the integers: ``Max(q, zero point)``."""
+        qt = _QT(self.fresh(out_key), x.qp, self.act_dtype)
+        zero = self.const(qt.name + '/zero', np.array([x.zp], _np_dtype(self.act_dtype)))
+        self.node('Max', [x.name, zero], [qt.name])
+        return qt
+
     def dequantize(self, qt, out_name=None):
         """A fresh DequantizeLinear of ``qt`` (one per consumer, as QDQ node units want)."""
         s, z = self.scale_zp(qt)
@@ -456,18 +475,13 @@ class _Builder:
                 y = y2
             self.env[out_key] = self.rename(y, out_key)
             return
-        if relu and _zero_point(out_qp.dtype, self.act_dtype) != \
-                np.iinfo(_np_dtype(self.act_dtype)).min:
-            y2 = self.fresh(name + '/relu')
-            self.node('Relu', [y], [y2])
-            y = y2
         if rows_view:
-            rows = self.quantize(y, name + '/rows', out_qp)
+            rows = self.quantize_relu(y, name + '/rows', out_qp, relu)
             qt = _QT(self.fresh(out_key), out_qp, self.act_dtype)
             self.node('Reshape', [rows.name, self.rows_shape[name]], [qt.name])
             self.env[out_key] = qt
             return
-        self.env[out_key] = self.quantize(y, out_key, out_qp)
+        self.env[out_key] = self.quantize_relu(y, out_key, out_qp, relu)
 
     def _rows_view_shape(self, name, x_name, units):
         """Shape tensor ``x.shape[:-1] + (units,)`` (dynamic batch included)."""
@@ -541,12 +555,7 @@ class _Builder:
                 y = y2
             self.env[out_key] = self.rename(y, out_key)
             return
-        if block._relu and _zero_point(out_qp.dtype, self.act_dtype) != \
-                np.iinfo(_np_dtype(self.act_dtype)).min:
-            y2 = self.fresh(step['name'] + '/relu')
-            self.node('Relu', [y], [y2])
-            y = y2
-        self.env[out_key] = self.quantize(y, out_key, out_qp)
+        self.env[out_key] = self.quantize_relu(y, out_key, out_qp, block._relu)
 
     def _step_QuantizedConcat(self, step, block):
         self._check_static(step, block)
@@ -630,13 +639,7 @@ class _Builder:
     def _step_QuantizedActivation(self, step, block):
         x = self.as_q(step['inputs'][0], step)
         out_key = step['outputs'][0]
-        if x.qp.dtype == 'uint8':
-            self.env[out_key] = x
-            return
-        qt = _QT(self.fresh(out_key), x.qp, self.act_dtype)
-        zero = self.const(qt.name + '/zero', np.array([x.zp], _np_dtype(self.act_dtype)))
-        self.node('Max', [x.name, zero], [qt.name])
-        self.env[out_key] = qt
+        self.env[out_key] = x if x.qp.dtype == 'uint8' else self.relu_q(x, out_key)
 
     def _step_FloatOp(self, step, block):
         _float_op(self, step, block)
