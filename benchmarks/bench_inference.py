@@ -16,15 +16,17 @@ gluoncv models at 224x224 (random weights, the same for every variant):
                     MinMax, after ``quant_pre_process``; the same calibration images);
 * ``gluonq-onnx``   onnxruntime on ``gluonq.export_onnx`` of the same gluonq network.
 
-Every variant runs in its own subprocess (its peak RSS is its memory; the MXNet exports
-and onnxruntime sessions import neither gluonq nor, for onnxruntime, MXNet), variants are
-interleaved and the whole set is repeated ``--rounds`` times; the table shows medians.
-Images/s is the median of ``--runs`` timed calls after ``--warmup`` calls. The lines
+Speed: the MXNet variants of a model are loaded side by side in one process, the
+onnxruntime ones in another (which imports neither MXNet nor gluonq), and timed
+interleaved: each of ``--runs`` rounds times one call of every variant, so that the load of
+a shared machine changes all of them alike; images/s is the median over the rounds, after
+``--warmup`` calls. Memory: each variant runs alone in its own process (the MXNet exports
+without gluonq), and its peak RSS is reported. The lines
 before the tables say whether this CPU runs int8 exactly (VNNI): without VNNI oneDNN and
 onnxruntime saturate int16 pairs, and int8 gains less over fp32.
 
     python benchmarks/bench_inference.py                              # everything
-    python benchmarks/bench_inference.py --models resnet18_v1 --batches 1 --rounds 1
+    python benchmarks/bench_inference.py --models resnet18_v1 --batches 1 --runs 5
 """
 from __future__ import annotations
 
@@ -162,11 +164,17 @@ def job_convert(model, which, workdir, n_calib):
     return out
 
 
-def job_run(model, variant, workdir, batches, runs, warmup):
-    """Load one variant and time it; returns {batch: images/s} and the peak RSS."""
+def load_variant(model, variant, workdir, threads):
+    """A callable running ``variant`` on a numpy batch (waiting for the result).
+
+    The MXNet exports are loaded with stock MXNet (``SymbolBlock.imports``); onnxruntime
+    variants import neither MXNet nor gluonq when loaded first in their process.
+    """
+    if variant in ORT_VARIANTS:
+        sess = session(os.path.join(workdir, '%s-%s.onnx' % (model, variant)), threads)
+        return lambda x: run_session(sess, x)
     import warnings
     import mxnet as mx
-    import numpy as np
     warnings.simplefilter('ignore')
     p = lambda name: os.path.join(workdir, '%s-%s' % (model, name))   # noqa: E731
     static = dict(static_alloc=True, static_shape=True)
@@ -181,50 +189,60 @@ def job_run(model, variant, workdir, batches, runs, warmup):
         net = gluonq.load_quantized(p('gluonq'))
         net.hybridize(**static)
     else:
-        assert 'gluonq' not in sys.modules
-        sys.modules['gluonq'] = None            # stock MXNet only
         name = {'builtin': 'builtin', 'fast-export': 'fast', 'int8w-export': 'int8w',
                 'compact': 'compact'}[variant]
         net = mx.gluon.SymbolBlock.imports(p(name) + '-symbol.json', ['data'],
                                            p(name) + '-0000.params')
         net.hybridize(**static)
-    res = {}
-    r = np.random.RandomState(2)
-    for bs in batches:
-        x = mx.nd.array(r.uniform(-2, 2, (bs,) + SHAPE).astype(np.float32))
-        for _ in range(warmup):
-            net(x).wait_to_read()
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            net(x).wait_to_read()
-            times.append(time.perf_counter() - t)
-        res[str(bs)] = bs / float(np.median(times))
-    res['rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return res
+    return lambda x: net(mx.nd.array(x)).wait_to_read()
 
 
-def job_run_ort(model, variant, workdir, batches, runs, warmup, threads):
-    """job_run for an onnxruntime variant (neither MXNet nor gluonq imported)."""
+def _batch(bs):
     import numpy as np
-    for mod in ('mxnet', 'gluonq'):
-        assert mod not in sys.modules
-        sys.modules[mod] = None
-    sess = session(os.path.join(workdir, '%s-%s.onnx' % (model, variant)), threads)
-    res = {}
-    r = np.random.RandomState(2)
+    return np.random.RandomState(2).uniform(-2, 2, (bs,) + SHAPE).astype(np.float32)
+
+
+def job_speed(model, variants, workdir, batches, runs, warmup, threads):
+    """Images/s of ``variants`` loaded side by side in this process and timed interleaved:
+    each of ``runs`` rounds times one call of every variant (the order reversed every
+    other round), so that a change of load on the machine hits all of them alike.
+    Returns {variant: {batch: images/s (median)}}."""
+    import numpy as np
+    if all(v in ORT_VARIANTS for v in variants):
+        for mod in ('mxnet', 'gluonq'):
+            sys.modules[mod] = None
+    fns = {v: load_variant(model, v, workdir, threads) for v in variants}
+    res = {v: {} for v in variants}
     for bs in batches:
-        x = r.uniform(-2, 2, (bs,) + SHAPE).astype(np.float32)
-        for _ in range(warmup):
-            run_session(sess, x)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            run_session(sess, x)
-            times.append(time.perf_counter() - t)
-        res[str(bs)] = bs / float(np.median(times))
-    res['rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        x = _batch(bs)
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn(x)
+        times = {v: [] for v in variants}
+        order = list(variants)
+        for r in range(runs):
+            for v in (order if r % 2 == 0 else order[::-1]):
+                t = time.perf_counter()
+                fns[v](x)
+                times[v].append(time.perf_counter() - t)
+        for v in variants:
+            res[v][str(bs)] = bs / float(np.median(times[v]))
     return res
+
+
+def job_memory(model, variant, workdir, batches, threads):
+    """Peak RSS (MB) of a process that loads ``variant`` alone and runs each batch twice;
+    the MXNet exports and onnxruntime variants run without gluonq."""
+    if variant not in ('fp32', 'fp32-mkldnn', 'gluonq'):
+        sys.modules['gluonq'] = None
+    if variant in ORT_VARIANTS:
+        sys.modules['mxnet'] = None
+    fn = load_variant(model, variant, workdir, threads)
+    for bs in batches:
+        x = _batch(bs)
+        fn(x)
+        fn(x)
+    return {'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
 def cpu_info():
@@ -256,47 +274,49 @@ def main(argv=None):
     ap.add_argument('--models', nargs='+', default=MODELS)
     ap.add_argument('--batches', nargs='+', type=int, default=[1, 16])
     ap.add_argument('--variants', nargs='+', default=VARIANTS)
-    ap.add_argument('--runs', type=int, default=7)
+    ap.add_argument('--runs', type=int, default=15,
+                    help='interleaved timing rounds (one call of every variant each)')
     ap.add_argument('--warmup', type=int, default=3)
-    ap.add_argument('--rounds', type=int, default=2, help='interleaved repetitions')
     ap.add_argument('--calib', type=int, default=64, help='calibration images')
     ap.add_argument('--threads', type=int, default=os.cpu_count() or 1,
-                    help='threads of the timed processes (OMP_NUM_THREADS, onnxruntime '
-                         'intra-op threads); default: every core. On a shared machine 1 '
-                         'is steadier (OpenMP barriers on a busy core make small batches '
-                         'erratic)')
+                    help='threads per run (OMP_NUM_THREADS, onnxruntime intra-op '
+                         'threads); default: every core')
     ap.add_argument('--workdir', help='keep models and exports here (default: temporary)')
-    ap.add_argument('--_convert', nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument('--_run', nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument('--_job', nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args._convert:
-        model, which, workdir = args._convert
-        print('RESULT ' + json.dumps(job_convert(model, which, workdir, args.calib)))
-        return 0
-    if args._run:
-        model, variant, workdir = args._run
-        if variant in ORT_VARIANTS:
-            r = job_run_ort(model, variant, workdir, args.batches, args.runs, args.warmup,
-                            args.threads)
+    if args._job:
+        kind, model = args._job
+        workdir = args.workdir
+        if kind in ('builtin', 'gluonq', 'onnx'):
+            r = job_convert(model, kind, workdir, args.calib)
+        elif kind == 'speed':
+            r = job_speed(model, args.variants, workdir, args.batches, args.runs,
+                          args.warmup, args.threads)
         else:
-            r = job_run(model, variant, workdir, args.batches, args.runs, args.warmup)
+            r = job_memory(model, kind[len('memory:'):], workdir, args.batches, args.threads)
         print('RESULT ' + json.dumps(r))
         return 0
 
     variants = list(args.variants)
     workdir = args.workdir or tempfile.mkdtemp(prefix='gluonq-bench-')
     os.makedirs(workdir, exist_ok=True)
-    print('workdir %s; %d cores, %d thread(s) per timed process; load average at start '
-          '%.2f' % (workdir, os.cpu_count(), args.threads, os.getloadavg()[0]), flush=True)
+    print('workdir %s; %d cores, %d thread(s) per run; load average at start %.2f'
+          % (workdir, os.cpu_count(), args.threads, os.getloadavg()[0]), flush=True)
     print('int8 kernels exact on this CPU (VNNI): %s' % cpu_info(), flush=True)
-    converts = ['builtin', 'gluonq'] + (['onnx'] if set(variants) & set(ORT_VARIANTS) else [])
-    conv = {}
+    ort = [v for v in variants if v in ORT_VARIANTS]
+    mxv = [v for v in variants if v not in ORT_VARIANTS]
+    converts = ['builtin', 'gluonq'] + (['onnx'] if ort else [])
+    common = ['--workdir', workdir, '--calib', str(args.calib), '--threads',
+              str(args.threads), '--batches'] + [str(b) for b in args.batches]
+
+    def job(kind, model, threads, extra=()):
+        return _sub(['--_job', kind, model] + common + list(extra), threads)
+
+    conv, speed, memory, loads = {}, {}, {}, []
     try:
         for model in args.models:
             for which in converts:
-                conv[(model, which)] = r = _sub(['--_convert', model, which, workdir,
-                                                 '--calib', str(args.calib)],
-                                                os.cpu_count() or 1)
+                conv[(model, which)] = r = job(which, model, os.cpu_count() or 1)
                 if which == 'onnx':
                     print('exported %-16s onnx: quantize_static %.1f s, gluonq export_onnx '
                           '%.1f s' % (model, r['ort_quantize_s'], r['export_onnx_s']),
@@ -306,22 +326,22 @@ def main(argv=None):
                     model, which, r['convert_s'],
                     '' if 'lower_s' not in r else '  (lowering %.1f s: %s; not fused: %s)'
                     % (r['lower_s'], r['lowering'], r['not_fused'])), flush=True)
-        results = {}
-        loads = []
-        for rnd in range(args.rounds):
-            for model in args.models:
-                for variant in variants:
-                    r = _sub(['--_run', model, variant, workdir, '--batches'] +
-                             [str(b) for b in args.batches] +
-                             ['--runs', str(args.runs), '--warmup', str(args.warmup)],
-                             args.threads)
-                    results.setdefault((model, variant), []).append(r)
-                    loads.append(os.getloadavg()[0])
-                    print('round %d %-16s %-13s %s  (load %.2f)' % (
-                        rnd + 1, model, variant, '  '.join(
-                            'bs%s %.1f img/s' % (b, r[str(b)]) for b in args.batches),
-                        loads[-1]), flush=True)
-        report(args, variants, conv, results, loads)
+        for model in args.models:
+            for group in (mxv, ort):
+                if not group:
+                    continue
+                speed.update({(model, v): r for v, r in job(
+                    'speed', model, args.threads,
+                    ['--runs', str(args.runs), '--warmup', str(args.warmup), '--variants'] +
+                    group).items()})
+                loads.append(os.getloadavg()[0])
+            print('%-16s %s  (load %.2f)' % (model, '  '.join(
+                '%s %s' % (v, '/'.join('%.1f' % speed[(model, v)][str(b)]
+                                       for b in args.batches)) for v in variants),
+                loads[-1]), flush=True)
+            for v in variants:
+                memory[(model, v)] = job('memory:' + v, model, args.threads)['rss_mb']
+        report(args, variants, conv, speed, memory, loads)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -334,9 +354,9 @@ def _median(vals):
     return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
 
 
-def report(args, variants, conv, results, loads):
-    print('\n## images/s (median over %d rounds of the median of %d runs)\n' % (
-        args.rounds, args.runs))
+def report(args, variants, conv, speed, memory, loads):
+    print('\n## images/s (median of %d interleaved runs per variant; MXNet variants in one '
+          'process, onnxruntime variants in another)\n' % args.runs)
     ratios = [('gluonq', 'fp32')] + [(a, b) for a, b in ANCHORS.items()] + \
         [('gluonq-onnx', 'builtin'), ('gluonq-onnx', 'fp32')]
     ratios = [(a, b) for a, b in ratios if a in variants and b in variants]
@@ -346,17 +366,16 @@ def report(args, variants, conv, results, loads):
     print('|' + '---|' * (head.count('|') - 1))
     for model in args.models:
         for bs in args.batches:
-            v = {var: _median([r[str(bs)] for r in results[(model, var)]]) for var in variants}
+            v = {var: speed[(model, var)][str(bs)] for var in variants}
             print('| %s | %d | %s | %s |' % (
                 model, bs, ' | '.join('%.1f' % v[var] for var in variants),
                 ' | '.join('%.2f' % (v[a] / v[b]) for a, b in ratios)))
-    print('\n## peak memory (MB, max RSS of the variant\'s process)\n')
+    print('\n## peak memory (MB, max RSS of a process running only that variant)\n')
     print('| model | ' + ' | '.join(variants) + ' |')
     print('|' + '---|' * (len(variants) + 1))
     for model in args.models:
-        print('| %s | %s |' % (model, ' | '.join(
-            '%.0f' % _median([r['rss_mb'] for r in results[(model, var)]])
-            for var in variants)))
+        print('| %s | %s |' % (model, ' | '.join('%.0f' % memory[(model, var)]
+                                                 for var in variants)))
     print('\n## conversion (%d calibration images) and file sizes\n' % args.calib)
     for model in args.models:
         b, g = conv[(model, 'builtin')], conv[(model, 'gluonq')]
