@@ -17,10 +17,10 @@ gluoncv models at 224x224 (random weights, the same for every variant):
 * ``gluonq-onnx``   onnxruntime on ``gluonq.export_onnx`` of the same gluonq network.
 
 Speed: the MXNet variants of a model are loaded side by side in one process, the
-onnxruntime ones in another (which imports neither MXNet nor gluonq), and timed
-interleaved: each of ``--runs`` rounds times one call of every variant, so that the load of
-a shared machine changes all of them alike; images/s is the median over the rounds, after
-``--warmup`` calls. Memory: each variant runs alone in its own process (the MXNet exports
+onnxruntime ones in another (which imports neither MXNet nor gluonq), and timed in turns:
+one untimed and three timed calls of each variant in turn, until every variant has
+``--runs`` timed calls, so that the load of a shared machine changes all of them alike;
+images/s is the median, after ``--warmup`` calls. Memory: each variant runs alone in its own process (the MXNet exports
 without gluonq), and its peak RSS is reported. The lines
 before the tables say whether this CPU runs int8 exactly (VNNI): without VNNI oneDNN and
 onnxruntime saturate int16 pairs, and int8 gains less over fp32.
@@ -50,13 +50,16 @@ SHAPE = (3, 224, 224)
 
 
 def session(path, threads=2):
-    """An onnxruntime CPU session with full graph optimization."""
+    """An onnxruntime CPU session with full graph optimization. Its threads do not spin
+    while idle: several sessions share the benchmark's process, and the spinning pools of
+    the idle ones were seen to halve the speed of the one running."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    so.add_session_config_entry('session.intra_op.allow_spinning', '0')
     return ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
 
 
@@ -202,10 +205,16 @@ def _batch(bs):
     return np.random.RandomState(2).uniform(-2, 2, (bs,) + SHAPE).astype(np.float32)
 
 
+#: timed calls per turn of a variant in job_speed (after one untimed call)
+TURN = 3
+
+
 def job_speed(model, variants, workdir, batches, runs, warmup, threads):
-    """Images/s of ``variants`` loaded side by side in this process and timed interleaved:
-    each of ``runs`` rounds times one call of every variant (the order reversed every
-    other round), so that a change of load on the machine hits all of them alike.
+    """Images/s of ``variants`` loaded side by side in this process and timed in turns:
+    each turn is one untimed call (threads of the previous variant may still be spinning,
+    onnxruntime's by default) and ``TURN`` timed calls of one variant; the variants take
+    turns (the order reversed every other round) until each has ``runs`` timed calls, so
+    that a change of load on the machine hits all of them alike.
     Returns {variant: {batch: images/s (median)}}."""
     import numpy as np
     if all(v in ORT_VARIANTS for v in variants):
@@ -220,11 +229,13 @@ def job_speed(model, variants, workdir, batches, runs, warmup, threads):
                 fn(x)
         times = {v: [] for v in variants}
         order = list(variants)
-        for r in range(runs):
+        for r in range(-(-runs // TURN)):
             for v in (order if r % 2 == 0 else order[::-1]):
-                t = time.perf_counter()
                 fns[v](x)
-                times[v].append(time.perf_counter() - t)
+                for _ in range(TURN):
+                    t = time.perf_counter()
+                    fns[v](x)
+                    times[v].append(time.perf_counter() - t)
         for v in variants:
             res[v][str(bs)] = bs / float(np.median(times[v]))
     return res
@@ -256,6 +267,7 @@ def _sub(args_list, threads, timeout=3600):
     cmd = [sys.executable, os.path.abspath(__file__)] + args_list
     env = dict(os.environ)
     env['OMP_NUM_THREADS'] = str(threads)
+    env.setdefault('OMP_WAIT_POLICY', 'PASSIVE')      # as run.sh: idle threads sleep
     env['MXNET_SUBGRAPH_VERBOSE'] = '0'
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                          timeout=timeout, check=False, universal_newlines=True)
@@ -275,7 +287,7 @@ def main(argv=None):
     ap.add_argument('--batches', nargs='+', type=int, default=[1, 16])
     ap.add_argument('--variants', nargs='+', default=VARIANTS)
     ap.add_argument('--runs', type=int, default=15,
-                    help='interleaved timing rounds (one call of every variant each)')
+                    help='timed calls per variant and batch (in turns of %d)' % TURN)
     ap.add_argument('--warmup', type=int, default=3)
     ap.add_argument('--calib', type=int, default=64, help='calibration images')
     ap.add_argument('--threads', type=int, default=os.cpu_count() or 1,
@@ -355,8 +367,8 @@ def _median(vals):
 
 
 def report(args, variants, conv, speed, memory, loads):
-    print('\n## images/s (median of %d interleaved runs per variant; MXNet variants in one '
-          'process, onnxruntime variants in another)\n' % args.runs)
+    print('\n## images/s (median of %d calls per variant, timed in turns; MXNet variants in '
+          'one process, onnxruntime variants in another)\n' % args.runs)
     ratios = [('gluonq', 'fp32')] + [(a, b) for a, b in ANCHORS.items()] + \
         [('gluonq-onnx', 'builtin'), ('gluonq-onnx', 'fp32')]
     ratios = [(a, b) for a, b in ratios if a in variants and b in variants]
