@@ -21,14 +21,14 @@ back, so a change of load during the measurement cancels), the load
 average before and after, and the op types onnxruntime runs for each int8 model after its
 graph optimizations. ``--reuse`` times the ONNX files already in ``--workdir``.
 
-Accuracy (``accuracy`` command): MNIST-trained nets from ``examples/mnist_models.py``
-(trained for ``--epochs``, cached in ``--cache-dir``); top-1 of gluonq's MXNet int8 (its
+Accuracy (``accuracy`` command): the float MNIST nets shipped in data/models/ (others from
+``examples/mnist_models.py`` are trained for ``--epochs`` and cached in ``--cache-dir``); top-1 of gluonq's MXNet int8 (its
 reference chain), gluonq's ONNX in onnxruntime (exported with ``calib_data`` = the
 calibration images, and without), and onnxruntime's own quantize_static (same calibration
 images, MinMax = gluonq's 'naive'); the logit SQNR of each against the fp32 network.
 
     python benchmarks/bench_onnx.py speed --models resnet50_v1,mobilenetv2_1.0 --batches 1,16
-    python benchmarks/bench_onnx.py accuracy --models tiny,resnet20,mobilenetv2_0.25,incres
+    python benchmarks/bench_onnx.py accuracy --models resnet20,mobilenet0.25,incres
 """
 from __future__ import annotations
 
@@ -261,24 +261,24 @@ def print_speed_table(rows):
 # accuracy on MNIST-trained nets
 # ---------------------------------------------------------------------------------------
 def trained_mnist_net(name, epochs, cache_dir, seed=0, verbose=False):
-    """A MNIST-trained net from examples/mnist_models.py (cached in ``cache_dir``)."""
+    """The MNIST-trained net ``name``: the float checkpoint shipped in data/models/ when
+    there is one (examples/mnist_models.RECIPES), else trained here for ``epochs`` and
+    cached in ``cache_dir``."""
     import mnist_models as M
+    if name in M.RECIPES:
+        return M.pretrained(name)
     net = M.build(name)
     path = os.path.join(cache_dir, 'mnist_%s_e%g_s%d.params' % (name, epochs, seed))
     if os.path.exists(path):
-        try:
-            net.load_parameters(path, ctx=mx.cpu())
-            net.hybridize(static_alloc=True, static_shape=True)
-            net(mx.nd.zeros((1, 1, 32, 32)))       # the architecture still fits the file
-            return net
-        except Exception:                            # a changed model: train it again
-            net = M.build(name)
-    if epochs < 1:
-        M.train(net, max_steps=int(epochs * 468), seed=seed, verbose=verbose,
-                eval_test=False)
+        net.load_parameters(path, ctx=mx.cpu())
     else:
-        M.train(net, epochs=int(epochs), seed=seed, verbose=verbose, eval_test=False)
-    net.save_parameters(path)
+        if epochs < 1:
+            M.train(net, max_steps=int(epochs * 468), seed=seed, verbose=verbose,
+                    eval_test=False)
+        else:
+            M.train(net, epochs=int(epochs), seed=seed, verbose=verbose, eval_test=False)
+        net.save_parameters(path)
+    net.hybridize(static_alloc=True, static_shape=True)
     return net
 
 
@@ -303,6 +303,10 @@ def accuracy(models, epochs, n_calib, n_test, workdir, cache_dir):
                     calib_data=xcal)
         gs = session(gpath)
         go = batched(lambda b: run_session(gs, b), xte)
+        upath = os.path.join(workdir, 'mnist_%s.gluonq-u8u8.onnx' % name)
+        export_onnx(qnet, upath, input_shape=(1,) + xte.shape[1:], overwrite=True,
+                    calib_data=xcal, weight_dtype='uint8')
+        gu = batched(lambda b: run_session(_cached_session(upath), b), xte)
         wpath = os.path.join(workdir, 'mnist_%s.gluonq-nocalib.onnx' % name)
         export_onnx(qnet, wpath, input_shape=(1,) + xte.shape[1:], overwrite=True)
         gw = batched(lambda b: run_session(_cached_session(wpath), b), xte)
@@ -314,13 +318,15 @@ def accuracy(models, epochs, n_calib, n_test, workdir, cache_dir):
         fo = batched(lambda b: run_session(_cached_session(fpath), b), xte)
         top1 = {k: 100.0 * float((v.argmax(1) == yte).mean())
                 for k, v in (('fp32', fp32), ('ort-fp32', fo), ('gluonq-mxnet', gq),
-                             ('gluonq-onnx', go), ('gluonq-onnx-window', gw),
-                             ('ort-qstatic', qs))}
+                             ('gluonq-onnx', go), ('gluonq-onnx-u8u8', gu),
+                             ('gluonq-onnx-window', gw), ('ort-qstatic', qs))}
         sq = {k: quant.sqnr_db(fp32, v) for k, v in (('gluonq-mxnet', gq), ('gluonq-onnx', go),
+                                                      ('gluonq-onnx-u8u8', gu),
                                                       ('gluonq-onnx-window', gw),
                                                       ('ort-qstatic', qs))}
         row = {'model': name, 'top1': top1, 'sqnr_db': sq,
                'onnx_vs_mxnet_top1_agree': 100.0 * float((go.argmax(1) == gq.argmax(1)).mean()),
+               'u8u8_vs_mxnet_top1_agree': 100.0 * float((gu.argmax(1) == gq.argmax(1)).mean()),
                'n_test': int(len(yte)), 'n_calib': int(len(xcal))}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -337,16 +343,19 @@ def _cached_session(path):
 
 
 def print_accuracy_table(rows):
-    print('\n| model | fp32 | gluonq MXNet int8 | gluonq ONNX | ORT quantize_static '
-          '| SQNR gluonq MXNet | SQNR gluonq ONNX | SQNR gluonq ONNX, no calib_data '
-          '| SQNR ORT quantize_static | ONNX/MXNet top-1 agreement |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('\n| model | fp32 | gluonq MXNet int8 | gluonq ONNX | gluonq ONNX U8U8 '
+          '| ORT quantize_static | SQNR gluonq MXNet | SQNR gluonq ONNX | SQNR U8U8 '
+          '| SQNR gluonq ONNX, no calib_data | SQNR ORT quantize_static '
+          '| ONNX (U8U8) / MXNet top-1 agreement |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         t, s = r['top1'], r['sqnr_db']
-        print('| %s | %.2f | %.2f | %.2f | %.2f | %.1f dB | %.1f dB | %.1f dB | %.1f dB | %.2f%% |'
-              % (r['model'], t['fp32'], t['gluonq-mxnet'], t['gluonq-onnx'], t['ort-qstatic'],
-                 s['gluonq-mxnet'], s['gluonq-onnx'], s['gluonq-onnx-window'],
-                 s['ort-qstatic'], r['onnx_vs_mxnet_top1_agree']))
+        print('| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f dB | %.1f dB | %.1f dB | %.1f dB '
+              '| %.1f dB | %.2f%% (%.2f%%) |'
+              % (r['model'], t['fp32'], t['gluonq-mxnet'], t['gluonq-onnx'],
+                 t['gluonq-onnx-u8u8'], t['ort-qstatic'], s['gluonq-mxnet'], s['gluonq-onnx'],
+                 s['gluonq-onnx-u8u8'], s['gluonq-onnx-window'], s['ort-qstatic'],
+                 r['onnx_vs_mxnet_top1_agree'], r['u8u8_vs_mxnet_top1_agree']))
 
 
 def main(argv=None):
@@ -361,7 +370,7 @@ def main(argv=None):
     s.add_argument('--reuse', action='store_true',
                    help='reuse the ONNX files already in --workdir')
     a = sub.add_parser('accuracy')
-    a.add_argument('--models', default='tiny,resnet20,mobilenetv2_0.25,incres')
+    a.add_argument('--models', default='resnet20,mobilenet0.25,mobilenetv2_0.25,incres')
     a.add_argument('--epochs', type=float, default=1)
     a.add_argument('--n-calib', type=int, default=512)
     a.add_argument('--n-test', type=int, default=10000)
