@@ -70,8 +70,9 @@ MXNet's own int8 flow and onnxruntime's U8S8 kernels do on such CPUs.
 lowers every convolution as "split": the uint8 input goes in as two halves of at most 128
 (int8 input as its positive and negative parts, :func:`gluonq.quant.split_operand_f`), so no
 pair saturates and nothing is rounded, each half through a fused int8 convolution returning
-int32, then gluonq's epilogue -- bit-exact, about half the int8 speed; dense layers run
-gluonq's reference dense, which splits the same way. ``exact=False`` keeps the fused layers
+int32, then gluonq's epilogue as float operators -- bit-exact, but several times slower
+than the fused kernels (and than fp32); dense layers run gluonq's reference dense, which
+splits the same way. ``exact=False`` keeps the fused layers
 (fast, within oneDNN's saturation of the reference).
 
 **int8 weights on disk** (``int8_weights=True``): the weights are int8 parameters and each

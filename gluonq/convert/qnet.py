@@ -168,7 +168,7 @@ class QuantizedNet(HybridBlock):
                     'products in int16 with saturation and round weights for int8 inputs (as '
                     "MXNet's own int8 and onnxruntime do on such CPUs), so the fast path can "
                     "differ slightly from gluonq's integers here; hybridize(exact=True) is "
-                    'bit-exact but slower', RuntimeWarning, stacklevel=3)
+                    'bit-exact but slower', RuntimeWarning, stacklevel=4)
             fast.lowered = lower(self, exact=fast.exact)
             blk = fast.lowered.block(release=True)
             hyb = {'static_alloc': True, 'static_shape': True}
