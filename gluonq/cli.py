@@ -75,9 +75,11 @@ def _parser():
     out.add_argument('--export-compact', metavar='PREFIX', help='also write a deployment '
                      'export for stock MXNet with int8 weights on disk')
     out.add_argument('--onnx', metavar='PATH', help='also write an ONNX (QDQ) model')
-    out.add_argument('--onnx-weights', default='int8', choices=['int8', 'uint8'],
-                     help="ONNX weight type: int8 (U8S8, onnxruntime's fast path) or uint8 "
-                     '(U8U8: exact also on CPUs without VNNI, where U8S8 saturates)')
+    out.add_argument('--onnx-weights', default='auto', choices=['auto', 'int8', 'uint8'],
+                     help="ONNX weight type: int8 (U8S8, onnxruntime's fast path), uint8 "
+                     '(U8U8: exact also on CPUs without VNNI, where U8S8 saturates), or '
+                     'auto (default): int8 where onnxruntime\'s U8S8 is exact on this CPU, '
+                     'else uint8')
     out.add_argument('--report-png', metavar='PATH', help='bar chart of per-layer SQNR')
     out.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     p.add_argument('--quiet', action='store_true', help='no progress bar')

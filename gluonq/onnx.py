@@ -8,9 +8,11 @@ model built from the QuantizedNet's own steps and integer parameters:
   tensor is held as is (zero point 0), a gluonq int8 tensor ``q`` as ``q + 128`` with zero
   point 128 -- exact, the same integers after the shift. ``act_dtype='int8'`` writes int8
   tensors instead (zero points 0 / -128);
-* weights are int8 initializers carrying gluonq's integers (or, with
-  ``weight_dtype='uint8'``, those integers + 128 with zero point 128: exact on CPUs
-  without VNNI, see :func:`ort_u8s8_exact`), with their scales per output
+* weights are int8 initializers carrying gluonq's integers (onnxruntime's fast U8S8 path)
+  or uint8 ones holding those integers + 128 with zero point 128 (U8U8, exact on every
+  CPU). The default ``weight_dtype='auto'`` takes int8 where onnxruntime's U8S8 kernels
+  are exact on the exporting CPU (VNNI) and uint8 where they saturate (see
+  :func:`ort_u8s8_exact`), with their scales per output
   channel (``DequantizeLinear`` with ``axis=0``) or per tensor; biases are the int32
   initializers gluonq computed at ``s_in * s_w``; BatchNorm is already folded; no
   initializer is listed as a graph input;
@@ -65,7 +67,7 @@ from .export import atomic_outputs
 
 __all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'ONNXExportError', 'tensor_names',
            'residual_intermediates', 'onnx_zero_point', 'matching_weight_scales',
-           'ort_u8s8_exact']
+           'ort_u8s8_exact', 'resolve_weight_dtype']
 
 
 #: Calibrated pre-add ranges are widened by this factor (then cut to the safe window). On
@@ -105,6 +107,26 @@ def ort_u8s8_exact():
         y = sess.run(None, {'a': np.full((1, 2), 255, np.uint8)})[0]
         _ORT_U8S8_EXACT = bool(y[0, 0] == 2 * 255 * 127)
     return _ORT_U8S8_EXACT
+
+
+def resolve_weight_dtype(weight_dtype):
+    """The ONNX weight type ``export_onnx`` writes for ``weight_dtype``: 'auto' is 'int8'
+    (U8S8, fast) where onnxruntime's U8S8 kernels are exact on this CPU, else 'uint8'
+    (U8U8, exact on every CPU)."""
+    if weight_dtype == 'auto':
+        try:
+            return 'int8' if ort_u8s8_exact() else 'uint8'
+        except ImportError:
+            import warnings
+            warnings.warn("weight_dtype='auto' writes int8 (U8S8) weights: onnxruntime is not "
+                          "installed, so whether its U8S8 kernels are exact on this CPU "
+                          "cannot be probed", stacklevel=3)
+            return 'int8'
+    if weight_dtype not in ('int8', 'uint8'):
+        raise ValueError("weight_dtype must be 'auto', 'int8' (onnxruntime's fast U8S8 path) "
+                         "or 'uint8' (U8U8: exact on CPUs without VNNI), got %r"
+                         % (weight_dtype,))
+    return weight_dtype
 
 
 class ONNXExportError(ValueError):
@@ -804,7 +826,7 @@ def preadd_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
 
 def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=True,
             calib_data=None, calib_mode=None, check=True, return_info=False,
-            weight_dtype='int8'):
+            weight_dtype='auto'):
     """The ONNX ModelProto of ``qnet`` (see :func:`export_onnx`)."""
     from .convert.qnet import QuantizedNet
     if not isinstance(qnet, QuantizedNet):
@@ -813,9 +835,7 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
     if act_dtype not in ('uint8', 'int8'):
         raise ValueError("act_dtype must be 'uint8' (onnxruntime's fast U8S8 path) or "
                          "'int8', got %r" % (act_dtype,))
-    if weight_dtype not in ('int8', 'uint8'):
-        raise ValueError("weight_dtype must be 'int8' (onnxruntime's fast U8S8 path) or "
-                         "'uint8' (U8U8: exact on CPUs without VNNI), got %r" % (weight_dtype,))
+    weight_dtype = resolve_weight_dtype(weight_dtype)
     if int(opset) < 13:
         raise ValueError('export_onnx writes opset 13 or later (per-channel '
                          'DequantizeLinear), got %r' % (opset,))
@@ -834,7 +854,7 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
 
 
 def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dtype='uint8',
-                dynamic_batch=True, calib_data=None, calib_mode=None, weight_dtype='int8'):
+                dynamic_batch=True, calib_data=None, calib_mode=None, weight_dtype='auto'):
     """Write ``qnet`` to ``path`` as an ONNX model in QDQ form (see the module docstring).
 
     Parameters
@@ -855,11 +875,14 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
         differs).
     dynamic_batch : bool
         Leave the batch dimension symbolic ('N').
-    weight_dtype : {'int8', 'uint8'}
-        ONNX type of the weights. 'int8' (default, U8S8) is onnxruntime's fast path. On x86
-        CPUs without VNNI its kernels add pairs of u8 * s8 products in int16 with
-        saturation (``vpmaddubsw``), so results can differ from gluonq's integers there;
-        'uint8' (U8U8, gluonq's integers + 128 with zero point 128) is exact on every CPU.
+    weight_dtype : {'auto', 'int8', 'uint8'}
+        ONNX type of the weights. 'int8' (U8S8) is onnxruntime's fast path. On x86 CPUs
+        without VNNI its kernels add pairs of u8 * s8 products in int16 with saturation
+        (``vpmaddubsw``), which was seen to drop an MNIST MobileNetV2 to 46% top-1; 'uint8'
+        (U8U8, gluonq's integers + 128 with zero point 128) is exact on every CPU and ran
+        at about 0.7x U8S8's speed on an AVX2 CPU. 'auto' (default) is 'int8' where
+        onnxruntime's U8S8 is exact on this CPU, else 'uint8' (:func:`resolve_weight_dtype`):
+        name the type when the model is deployed on another kind of CPU.
     calib_data : array, DataLoader or iterable of batches, optional
         Calibration inputs (the ones given to ``quantize_net``) for the 8-bit conv results
         that onnxruntime needs before residual adds (see :func:`preadd_ranges`). Without

@@ -136,9 +136,10 @@ def test_python_dash_m_entry_point(tiny_ckpt, tmp_path):
     assert r.returncode == 0 and '--calib-mode' in r.stdout
 
 
-@pytest.mark.parametrize('weights', ['int8', 'uint8'])
+@pytest.mark.parametrize('weights', ['auto', 'int8', 'uint8'])
 def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
-    """--onnx writes the QDQ model with the chosen weight type. Where onnxruntime computes
+    """--onnx writes the QDQ model with the chosen weight type ('auto': the exact one on
+    this CPU). Where onnxruntime computes
     exactly (uint8 weights, or int8 weights on a CPU with VNNI) its logits match the int8
     checkpoint's own (gluonq's reference chain) within the bound the classifier's scales
     allow for a few rounding-tie differences; the saturating case is test_onnx's."""
@@ -146,6 +147,8 @@ def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
     import gluonq.onnx as gonnx
     out, path = tmp_path / 'q', str(tmp_path / 'q.onnx')
     assert cli.main(_argv(tiny_ckpt, out, '--onnx', path, '--onnx-weights', weights)) == 0
+    if weights == 'auto':
+        weights = 'int8' if gonnx.ort_u8s8_exact() else 'uint8'
     qnet = gluonq.load_quantized(str(out))
     xt = np.load(str(tiny_ckpt / 'test.npz'))['x'][:100]
     ref = qnet(mx.nd.array(xt)).asnumpy()                  # eager: the reference chain

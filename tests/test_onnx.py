@@ -263,7 +263,7 @@ def _layer_exact_value(block, qx):
 # structure
 # ---------------------------------------------------------------------------------------
 def test_model_structure_and_initializers(tiny):
-    model = gonnx.to_onnx(tiny)
+    model = gonnx.to_onnx(tiny, weight_dtype='int8')
     onnx.checker.check_model(model, full_check=True)
     g = model.graph
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
@@ -733,3 +733,40 @@ def test_uint8_weights_are_exact_where_int8_weights_saturate(tiny, data):
         assert mism['int8'] <= max(3, 1e-4 * total)
     else:
         assert mism['int8'] > 100 * max(mism['uint8'], 1)
+
+
+def test_default_weight_type_is_the_exact_one_on_this_cpu(tiny):
+    """``weight_dtype='auto'`` (the default) writes int8 weights only where onnxruntime's
+    U8S8 kernels are exact here, and records the type it wrote."""
+    model = gonnx.to_onnx(tiny)
+    want = 'int8' if gonnx.ort_u8s8_exact() else 'uint8'
+    w = [t for t in model.graph.initializer if t.name.endswith('/weight')]
+    assert w and {t.data_type for t in w} == {getattr(onnx.TensorProto, want.upper())}
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props['gluonq.weight_dtype'] == want
+    with pytest.raises(ValueError, match="weight_dtype must be 'auto', 'int8'"):
+        gonnx.to_onnx(tiny, weight_dtype='float32')
+
+
+@pytest.mark.parametrize('name', ['resnet20', 'mobilenetv2_0.25', 'incres'])
+def test_shipped_models_keep_gluonq_accuracy_in_onnxruntime(name):
+    """The issue's bar on real trained nets (the shipped MNIST checkpoints, 512 calibration
+    images, all 10k test images): onnxruntime running gluonq's default export (pre-add
+    ranges as recorded at conversion) loses at most 0.1 point of top-1 against gluonq's own
+    int8 network in MXNet. MobileNetV2's linear bottlenecks are the net that int16 pair
+    saturation (int8 weights on a CPU without VNNI) was seen to drop to 46%. (Logit SQNR
+    against fp32 and onnxruntime's own quantizer: ``benchmarks/bench_onnx.py accuracy``.)"""
+    net = M.pretrained(name)
+    xc, _ = M.load('train', 512)
+    xt, yt = M.test_set()
+    qnet = gluonq.quantize_net(net, xc, progress=False)
+    qnet.hybridize()
+    acc_q, lq = M.evaluate(qnet, xt, yt)
+    sess = _session(gonnx.to_onnx(qnet))
+    lo = np.concatenate([sess.run(None, {'data': xt[i:i + 500]})[0]
+                         for i in range(0, len(xt), 500)])
+    acc_o = 100.0 * float((lo.argmax(1) == yt).mean())
+    agree = 100.0 * float((lo.argmax(1) == lq.argmax(1)).mean())
+    print('%s: int8 MXNet %.2f%%, ONNX %.2f%%, top-1 agreement %.2f%%'
+          % (name, acc_q, acc_o, agree))
+    assert acc_q - acc_o <= 0.1, (acc_q, acc_o)
