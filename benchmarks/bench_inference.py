@@ -14,7 +14,10 @@ gluoncv models at 224x224 (random weights, the same for every variant):
 * ``ort-fp32``      onnxruntime on the float model (``mx.onnx.export_model``);
 * ``ort-qstatic``   onnxruntime on its own ``quantize_static`` model (QDQ, U8S8, per channel,
                     MinMax, after ``quant_pre_process``; the same calibration images);
-* ``gluonq-onnx``   onnxruntime on ``gluonq.export_onnx`` of the same gluonq network.
+* ``gluonq-onnx``   onnxruntime on ``gluonq.export_onnx`` of the same gluonq network with
+                    int8 weights (U8S8, the kernels ``quantize_static``'s model runs on);
+* ``gluonq-onnx-u8u8`` the same with uint8 weights (U8U8): exact also without VNNI, and
+                    what ``weight_dtype='auto'`` (the default) writes on such a CPU.
 
 Speed: the MXNet variants of a model are loaded side by side in one process, the
 onnxruntime ones in another (which imports neither MXNet nor gluonq), and timed in turns:
@@ -42,10 +45,11 @@ import time
 
 MODELS = ['resnet18_v1', 'resnet50_v1', 'mobilenet1.0', 'mobilenetv2_1.0']
 VARIANTS = ['fp32', 'fp32-mkldnn', 'builtin', 'gluonq', 'fast-export', 'int8w-export',
-            'compact', 'ort-fp32', 'ort-qstatic', 'gluonq-onnx']
-ORT_VARIANTS = ('ort-fp32', 'ort-qstatic', 'gluonq-onnx')
+            'compact', 'ort-fp32', 'ort-qstatic', 'gluonq-onnx', 'gluonq-onnx-u8u8']
+ORT_VARIANTS = ('ort-fp32', 'ort-qstatic', 'gluonq-onnx', 'gluonq-onnx-u8u8')
 #: the int8 variants of each runtime that gluonq is measured against
-ANCHORS = {'gluonq': 'builtin', 'fast-export': 'builtin', 'gluonq-onnx': 'ort-qstatic'}
+ANCHORS = {'gluonq': 'builtin', 'fast-export': 'builtin', 'gluonq-onnx': 'ort-qstatic',
+           'gluonq-onnx-u8u8': 'ort-qstatic'}
 SHAPE = (3, 224, 224)
 
 
@@ -139,9 +143,12 @@ def job_convert(model, which, workdir, n_calib):
         bench_onnx.ort_quantize_static(p('ort-fp32.onnx'), p('ort-qstatic.onnx'), x)
         out['ort_quantize_s'] = time.time() - t
         t = time.time()
-        gluonq.export_onnx(gluonq.load_quantized(p('gluonq')), p('gluonq-onnx.onnx'),
-                           input_shape=shape, overwrite=True, calib_data=x)
+        qnet = gluonq.load_quantized(p('gluonq'))
+        gluonq.export_onnx(qnet, p('gluonq-onnx.onnx'), input_shape=shape, overwrite=True,
+                           calib_data=x, weight_dtype='int8')
         out['export_onnx_s'] = time.time() - t
+        gluonq.export_onnx(qnet, p('gluonq-onnx-u8u8.onnx'), input_shape=shape,
+                           overwrite=True, calib_data=x, weight_dtype='uint8')
         out['sizes'] = {v: os.path.getsize(p(v + '.onnx')) for v in ORT_VARIANTS}
         return out
     from gluonq import lower as L
@@ -259,8 +266,9 @@ def job_memory(model, variant, workdir, batches, threads):
 def cpu_info():
     """Whether oneDNN's and onnxruntime's int8 kernels are exact here (VNNI)."""
     from gluonq.lower import int8_kernels_exact
-    from gluonq.onnx import ort_u8s8_exact
-    return {'onednn_int8_exact': int8_kernels_exact(), 'ort_u8s8_exact': ort_u8s8_exact()}
+    from gluonq.onnx import ort_u8s8_exact, resolve_weight_dtype
+    return {'onednn_int8_exact': int8_kernels_exact(), 'ort_u8s8_exact': ort_u8s8_exact(),
+            "export_onnx weight_dtype='auto' writes": resolve_weight_dtype('auto')}
 
 
 def _sub(args_list, threads, timeout=3600):

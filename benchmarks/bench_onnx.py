@@ -9,7 +9,8 @@ random weights, 224x224) three onnxruntime sessions on the same weights:
   QInt8 weights, per_channel=True, MinMax, after ``quant_pre_process``), calibrated with a
   CalibrationDataReader over the same calibration images gluonq uses;
 * ``gluonq-onnx``: ``gluonq.quantize_net`` (naive calibration, the same images) then
-  ``gluonq.export_onnx``.
+  ``gluonq.export_onnx`` with int8 weights (U8S8, the kernels of ``ort-qstatic``).
+  (``benchmarks/bench_inference.py`` also times the uint8-weight export.)
 
 All sessions use ``intra_op_num_threads=2``, ``inter_op_num_threads=1`` and full graph
 optimization. Timing: warm-up runs, then ``--rounds`` rounds in which every variant runs
@@ -22,10 +23,13 @@ average before and after, and the op types onnxruntime runs for each int8 model 
 graph optimizations. ``--reuse`` times the ONNX files already in ``--workdir``.
 
 Accuracy (``accuracy`` command): the float MNIST nets shipped in data/models/ (others from
-``examples/mnist_models.py`` are trained for ``--epochs`` and cached in ``--cache-dir``); top-1 of gluonq's MXNet int8 (its
-reference chain), gluonq's ONNX in onnxruntime (exported with ``calib_data`` = the
-calibration images, and without), and onnxruntime's own quantize_static (same calibration
-images, MinMax = gluonq's 'naive'); the logit SQNR of each against the fp32 network.
+``examples/mnist_models.py`` are trained for ``--epochs`` and cached in ``--cache-dir``);
+top-1 of gluonq's MXNet int8 (its reference chain), gluonq's ONNX in onnxruntime -- the
+default export (``weight_dtype='auto'``, the pre-add ranges recorded at conversion: what
+``gluonq-convert --onnx`` writes), and with ``calib_data`` = the calibration images with
+int8 weights (U8S8) and with uint8 weights (U8U8) -- and onnxruntime's own quantize_static
+(same calibration images, MinMax = gluonq's 'naive'); the logit SQNR of each against the
+fp32 network.
 
     python benchmarks/bench_onnx.py speed --models resnet50_v1,mobilenetv2_1.0 --batches 1,16
     python benchmarks/bench_onnx.py accuracy --models resnet20,mobilenet0.25,incres
@@ -183,7 +187,7 @@ def prepare_variants(name, workdir, n_calib=32, shape=(3, 224, 224), reuse=False
     t_cal = time.time() - t
     t = time.time()
     export_onnx(qnet, paths['gluonq-onnx'], input_shape=(1,) + shape, overwrite=True,
-                calib_data=calib)
+                calib_data=calib, weight_dtype='int8')
     t_exp = time.time() - t
     info = {'seconds': {'fp32 export': t_fp32, 'quantize_static': t_qs,
                         'gluonq quantize_net': t_cal, 'gluonq export_onnx': t_exp},
@@ -300,14 +304,14 @@ def accuracy(models, epochs, n_calib, n_test, workdir, cache_dir):
                      .asnumpy(), xte)
         gpath = os.path.join(workdir, 'mnist_%s.gluonq.onnx' % name)
         export_onnx(qnet, gpath, input_shape=(1,) + xte.shape[1:], overwrite=True,
-                    calib_data=xcal)
+                    calib_data=xcal, weight_dtype='int8')
         gs = session(gpath)
         go = batched(lambda b: run_session(gs, b), xte)
         upath = os.path.join(workdir, 'mnist_%s.gluonq-u8u8.onnx' % name)
         export_onnx(qnet, upath, input_shape=(1,) + xte.shape[1:], overwrite=True,
                     calib_data=xcal, weight_dtype='uint8')
         gu = batched(lambda b: run_session(_cached_session(upath), b), xte)
-        wpath = os.path.join(workdir, 'mnist_%s.gluonq-nocalib.onnx' % name)
+        wpath = os.path.join(workdir, 'mnist_%s.gluonq-default.onnx' % name)
         export_onnx(qnet, wpath, input_shape=(1,) + xte.shape[1:], overwrite=True)
         gw = batched(lambda b: run_session(_cached_session(wpath), b), xte)
         fpath = os.path.join(workdir, 'mnist_%s.fp32.onnx' % name)
@@ -319,14 +323,16 @@ def accuracy(models, epochs, n_calib, n_test, workdir, cache_dir):
         top1 = {k: 100.0 * float((v.argmax(1) == yte).mean())
                 for k, v in (('fp32', fp32), ('ort-fp32', fo), ('gluonq-mxnet', gq),
                              ('gluonq-onnx', go), ('gluonq-onnx-u8u8', gu),
-                             ('gluonq-onnx-window', gw), ('ort-qstatic', qs))}
+                             ('gluonq-onnx-default', gw), ('ort-qstatic', qs))}
         sq = {k: quant.sqnr_db(fp32, v) for k, v in (('gluonq-mxnet', gq), ('gluonq-onnx', go),
                                                       ('gluonq-onnx-u8u8', gu),
-                                                      ('gluonq-onnx-window', gw),
+                                                      ('gluonq-onnx-default', gw),
                                                       ('ort-qstatic', qs))}
         row = {'model': name, 'top1': top1, 'sqnr_db': sq,
                'onnx_vs_mxnet_top1_agree': 100.0 * float((go.argmax(1) == gq.argmax(1)).mean()),
                'u8u8_vs_mxnet_top1_agree': 100.0 * float((gu.argmax(1) == gq.argmax(1)).mean()),
+               'default_vs_mxnet_top1_agree':
+                   100.0 * float((gw.argmax(1) == gq.argmax(1)).mean()),
                'n_test': int(len(yte)), 'n_calib': int(len(xcal))}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -343,18 +349,21 @@ def _cached_session(path):
 
 
 def print_accuracy_table(rows):
-    print('\n| model | fp32 | gluonq MXNet int8 | gluonq ONNX | gluonq ONNX U8U8 '
-          '| ORT quantize_static | SQNR gluonq MXNet | SQNR gluonq ONNX | SQNR U8U8 '
-          '| SQNR gluonq ONNX, no calib_data | SQNR ORT quantize_static '
-          '| ONNX (U8U8) / MXNet top-1 agreement |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    print("\nexport_onnx's default weight_dtype='auto' writes %s weights on this CPU"
+          % gluonq.onnx.resolve_weight_dtype('auto'))
+    print('\n| model | fp32 | gluonq MXNet int8 | gluonq ONNX default | ONNX U8S8 | ONNX U8U8 '
+          '| ORT quantize_static | SQNR gluonq MXNet | SQNR ONNX default | SQNR U8S8 '
+          '| SQNR U8U8 | SQNR ORT quantize_static '
+          '| top-1 agreement with MXNet int8: default / U8S8 / U8U8 |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         t, s = r['top1'], r['sqnr_db']
-        print('| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f dB | %.1f dB | %.1f dB | %.1f dB '
-              '| %.1f dB | %.2f%% (%.2f%%) |'
-              % (r['model'], t['fp32'], t['gluonq-mxnet'], t['gluonq-onnx'],
-                 t['gluonq-onnx-u8u8'], t['ort-qstatic'], s['gluonq-mxnet'], s['gluonq-onnx'],
-                 s['gluonq-onnx-u8u8'], s['gluonq-onnx-window'], s['ort-qstatic'],
+        print('| %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f dB | %.1f dB | %.1f dB '
+              '| %.1f dB | %.1f dB | %.2f%% / %.2f%% / %.2f%% |'
+              % (r['model'], t['fp32'], t['gluonq-mxnet'], t['gluonq-onnx-default'],
+                 t['gluonq-onnx'], t['gluonq-onnx-u8u8'], t['ort-qstatic'],
+                 s['gluonq-mxnet'], s['gluonq-onnx-default'], s['gluonq-onnx'],
+                 s['gluonq-onnx-u8u8'], s['ort-qstatic'], r['default_vs_mxnet_top1_agree'],
                  r['onnx_vs_mxnet_top1_agree'], r['u8u8_vs_mxnet_top1_agree']))
 
 
