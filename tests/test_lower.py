@@ -641,10 +641,15 @@ _LOADER = textwrap.dedent('''
 ''')
 
 
-def test_fast_exports_load_in_stock_mxnet_without_gluonq(tmp_path):
+def test_exports_load_in_stock_mxnet_without_gluonq(tmp_path):
+    """The fast export, the exact int8-weight fast export and the compact export of a
+    converted network load through SymbolBlock.imports and mx.mod.Module in a process
+    that cannot import gluonq, and give the gluonq network's outputs."""
     qnet, x = _qnet('incres')
     fast = str(tmp_path / 'fast')
     int8 = str(tmp_path / 'int8')
+    compact = str(tmp_path / 'compact')
+    gluonq.export_compact(qnet, compact)
     assert gluonq.export.export_fast(qnet, fast) == (fast + '-symbol.json',
                                                      fast + '-0000.params')
     with pytest.raises(FileExistsError):
@@ -654,14 +659,17 @@ def test_fast_exports_load_in_stock_mxnet_without_gluonq(tmp_path):
     fast_in_process = L.lower(qnet, exact=False).block()(mx.nd.array(x)).asnumpy()
     np.save(str(tmp_path / 'x.npy'), x)
     out = str(tmp_path / 'y.npy')
-    subprocess.run([sys.executable, '-c', _LOADER, out, str(tmp_path / 'x.npy'), fast, int8],
-                   check=True, cwd=str(tmp_path))
+    subprocess.run([sys.executable, '-c', _LOADER, out, str(tmp_path / 'x.npy'), fast, int8,
+                    compact], check=True, cwd=str(tmp_path))
     got = np.load(out)
     for a in got[:2]:                        # fast export: the in-process fast graph
         np.testing.assert_allclose(a, fast_in_process, rtol=1e-6,
                                    atol=1e-6 * np.abs(ref).max())
-    for a in got[2:]:                        # exact int8-weight export: the reference
+    for a in got[2:]:            # exact int8-weight and compact exports: the reference
         np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert any(v.dtype == np.int8 for v in mx.nd.load(compact + '-0000.params').values())
+    assert os.path.getsize(compact + '-0000.params') <= \
+        0.30 * os.path.getsize(fast + '-0000.params')
     # file sizes: fp32 images vs int8 weights
     saved = mx.nd.load(int8 + '-0000.params')
     assert any(v.dtype == np.int8 for v in saved.values())
