@@ -10,12 +10,11 @@ model built from the QuantizedNet's own steps and integer parameters:
   tensors instead (zero points 0 / -128);
 * weights are int8 initializers carrying gluonq's integers (onnxruntime's fast U8S8 path)
   or uint8 ones holding those integers + 128 with zero point 128 (U8U8, exact on every
-  CPU). The default ``weight_dtype='auto'`` takes int8 where onnxruntime's U8S8 kernels
+  CPU), with their scales per output channel (``DequantizeLinear`` with ``axis=0``) or per
+  tensor. The default ``weight_dtype='auto'`` takes int8 where onnxruntime's U8S8 kernels
   are exact on the exporting CPU (VNNI) and uint8 where they saturate (see
-  :func:`ort_u8s8_exact`), with their scales per output
-  channel (``DequantizeLinear`` with ``axis=0``) or per tensor; biases are the int32
-  initializers gluonq computed at ``s_in * s_w``; BatchNorm is already folded; no
-  initializer is listed as a graph input;
+  :func:`ort_u8s8_exact`). Biases are the int32 initializers gluonq computed at
+  ``s_in * s_w``; BatchNorm is already folded; no initializer is listed as a graph input;
 * each layer is ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear``, which onnxruntime fuses
   into QLinearConv / QGemm. A fused ReLU is the uint8 output range itself (QuantizeLinear
   clamps at zero point 0), so no Relu node is written; on a ReLU'd gluonq int8 tensor (zero
