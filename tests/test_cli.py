@@ -139,10 +139,10 @@ def test_python_dash_m_entry_point(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize('weights', ['auto', 'int8', 'uint8'])
 def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
     """--onnx writes the QDQ model with the chosen weight type ('auto': the exact one on
-    this CPU). Where onnxruntime computes
-    exactly (uint8 weights, or int8 weights on a CPU with VNNI) its logits match the int8
-    checkpoint's own (gluonq's reference chain) within the bound the classifier's scales
-    allow for a few rounding-tie differences; the saturating case is test_onnx's."""
+    this CPU). Where onnxruntime computes exactly (uint8 weights, or int8 weights on a CPU
+    with VNNI) its logits match the int8 checkpoint's own (gluonq's reference chain) within
+    the bound the classifier's scales allow for a few rounding-tie differences; the
+    saturating case is test_onnx's."""
     ort = pytest.importorskip('onnxruntime')
     import gluonq.onnx as gonnx
     out, path = tmp_path / 'q', str(tmp_path / 'q.onnx')
