@@ -381,6 +381,15 @@ def _var(name):
     return {'op': 'null', 'name': name, 'inputs': []}
 
 
+def _conv_attrs(block):
+    """The Convolution attributes of a QuantizedConv2D (NCHW) in a fused subgraph."""
+    k = block._kwargs
+    return {'kernel': str(tuple(k['kernel'])), 'stride': str(tuple(k['stride'])),
+            'dilate': str(tuple(k['dilate'])), 'pad': str(tuple(k['pad'])),
+            'num_filter': str(k['num_filter']), 'num_group': str(k['num_group']),
+            'layout': 'NCHW'}
+
+
 def _rng_attr(v):
     return repr(float(f32(v)))
 
@@ -996,23 +1005,14 @@ class _Lowerer:
                 bimg, bex = _bias_images(b_q, dscale, np.full(C, w, f32))
                 bimg = bimg if bex.all() else None
         name = self.unique(step['name'])
-        wsym = None
-        if self.int8_weights:
-            wsym = self.int8_weight_image(name, q, img, per_tensor=mode == 'int32')
-        if wsym is None:
-            wsym = self.const(name + '_weight', img.reshape(q.shape))
-        inputs = [x.data, wsym]
+        inputs = [x.data, self.weight_symbol(name, q, img, per_tensor=mode == 'int32')]
         sub = [_var('data'), _var('weight')]
         if bimg is not None:
             inputs.append(self.const(name + '_bias', bimg))
             sub.append(_var('bias'))
         lattrs = {'no_bias': str(bimg is None)}
         if is_conv:
-            k = block._kwargs
-            lattrs.update(kernel=str(tuple(k['kernel'])), stride=str(tuple(k['stride'])),
-                          dilate=str(tuple(k['dilate'])), pad=str(tuple(k['pad'])),
-                          num_filter=str(k['num_filter']), num_group=str(k['num_group']),
-                          layout='NCHW')
+            lattrs.update(_conv_attrs(block))
             sub.append({'op': 'Convolution', 'name': name + '_conv', 'attrs': lattrs,
                         'inputs': [[i, 0, 0] for i in range(len(sub))]})
         else:
@@ -1067,10 +1067,7 @@ class _Lowerer:
                 y = mx.sym.Activation(y, act_type=act)
             self.set_out(step, y)
             return self.note(step, 'fused', 'float output')
-        acc = fused[0]
-        if bimg is None and b_q is not None:
-            acc = mx.sym.broadcast_add(acc, mx.sym.reshape(
-                self.int_const(name + '_bias_int32', b_q.astype(np.int32)), (1, -1, 1, 1)))
+        acc = self.add_int32_bias(fused[0], name, None if bimg is not None else b_q)
         self.set_out(step, self.epilogue(step, block, acc, x, residual, s_w, name))
         self.note(step, 'int32', why)
 
@@ -1084,15 +1081,8 @@ class _Lowerer:
         if not ok:
             return self.lower_reference(step, block, 'reference', 'no weight of magnitude 127')
         name = self.unique(step['name'])
-        wsym = self.int8_weight_image(name, q, img.reshape(q.shape), per_tensor=True) \
-            if self.int8_weights else None
-        if wsym is None:
-            wsym = self.const(name + '_weight', img.reshape(q.shape))
-        k = block._kwargs
-        lattrs = {'no_bias': 'True', 'kernel': str(tuple(k['kernel'])),
-                  'stride': str(tuple(k['stride'])), 'dilate': str(tuple(k['dilate'])),
-                  'pad': str(tuple(k['pad'])), 'num_filter': str(k['num_filter']),
-                  'num_group': str(k['num_group']), 'layout': 'NCHW'}
+        wsym = self.weight_symbol(name, q, img, per_tensor=True)
+        lattrs = dict(_conv_attrs(block), no_bias='True')
         # the data range only sets the operator's reported output range (unused here)
         lo, hi = self.const(name + '_half_min', 0.0), self.const(name + '_half_max', 1.0)
         accs = []
@@ -1103,11 +1093,23 @@ class _Lowerer:
             accs.append(_fused('_sg_mkldnn_conv', '%s_%s' % (name, part), {'quantized': 'true'},
                                sub, [half, wsym, lo, hi])[0])
         acc = (mx.sym.broadcast_add if x.mxdt == 'uint8' else mx.sym.broadcast_sub)(*accs)
-        if b_q is not None:
-            acc = mx.sym.broadcast_add(acc, mx.sym.reshape(
-                self.int_const(name + '_bias_int32', b_q.astype(np.int32)), (1, -1, 1, 1)))
+        acc = self.add_int32_bias(acc, name, b_q)
         self.set_out(step, self.epilogue(step, block, acc, x, residual, s_w, name))
         self.note(step, 'split', _NO_VNNI)
+
+    def weight_symbol(self, name, q, img, per_tensor):
+        """The fp32 weight image ``img`` of a fused layer: computed in the graph from the
+        int8 weights ``q`` with ``int8_weights`` (where that is exact), else a constant."""
+        img = img.reshape(q.shape)
+        wsym = self.int8_weight_image(name, q, img, per_tensor) if self.int8_weights else None
+        return self.const(name + '_weight', img) if wsym is None else wsym
+
+    def add_int32_bias(self, acc, name, b_q):
+        """``acc`` (N, C, ...) plus gluonq's int32 bias ``b_q`` (None: no bias to add)."""
+        if b_q is None:
+            return acc
+        return mx.sym.broadcast_add(acc, mx.sym.reshape(
+            self.int_const(name + '_bias_int32', b_q.astype(np.int32)), (1, -1, 1, 1)))
 
     def int_const(self, name, value):
         """An integer constant (stored as float32, cast in the graph)."""
