@@ -200,8 +200,8 @@ def _np_dtype(onnx_dtype):
 
 
 class _Builder:
-    def __init__(self, qnet, input_shape, opset, act_dtype, dynamic_batch,
-                 preadd_ranges=None, weight_dtype='int8'):
+    def __init__(self, qnet, input_shape, opset, act_dtype, dynamic_batch, preadd_ranges,
+                 weight_dtype):
         self.onnx, self.helper, self.numpy_helper = _onnx()
         self.preadd_ranges = dict(preadd_ranges or {})
         self.qnet = qnet

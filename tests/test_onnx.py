@@ -748,6 +748,16 @@ def test_default_weight_type_is_the_exact_one_on_this_cpu(tiny):
         gonnx.to_onnx(tiny, weight_dtype='float32')
 
 
+def test_auto_weight_type_without_onnxruntime_says_it_cannot_probe(monkeypatch):
+    """Without onnxruntime the CPU cannot be probed: 'auto' writes onnxruntime's standard
+    U8S8 form and warns."""
+    monkeypatch.setattr(gonnx, '_ORT_U8S8_EXACT', None)
+    monkeypatch.setitem(sys.modules, 'onnxruntime', None)
+    with pytest.warns(UserWarning, match='onnxruntime is not installed'):
+        assert gonnx.resolve_weight_dtype('auto') == 'int8'
+    assert gonnx.resolve_weight_dtype('uint8') == 'uint8'
+
+
 @pytest.mark.parametrize('name', ['resnet20', 'mobilenetv2_0.25', 'incres'])
 def test_shipped_models_keep_gluonq_accuracy_in_onnxruntime(name):
     """The issue's bar on real trained nets (the shipped MNIST checkpoints, 512 calibration
