@@ -81,48 +81,53 @@ def main(argv=None):
     warnings.simplefilter('ignore')
     print('int8 kernels exact on this CPU (VNNI): %s; %s threads' % (
         lower.int8_kernels_exact(), os.environ.get('OMP_NUM_THREADS', 'all')))
-    tmp = tempfile.mkdtemp(prefix='gluonq-layers-')
-    for name, flayer, qcls, x, kind, geo in layers(args.batch):
-        lo = 0.0
-        hi = float(x.max())
-        qblock = qcls.from_float(flayer, in_range=(lo, hi))
-        net = mx.gluon.nn.HybridSequential()
-        net.add(flayer)
-        fast = gluonq.quantize_net(net, x, progress=False)
-        fast.hybridize()
-        flayer.hybridize(static_alloc=True, static_shape=True)
-        bi = builtin(flayer, x)
-        qblock.hybridize(static_alloc=True, static_shape=True)
-        xn = mx.nd.array(x)
-        fns = {'fp32': flayer, 'int8 block': qblock, 'int8 fast path': fast,
-               'MXNet built-in int8': bi}
-        times = {k: [] for k in fns}
-        for f in fns.values():
-            for _ in range(3):
-                f(xn).wait_to_read()
-        for r in range(args.runs):
-            for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                t = time.perf_counter()
-                fns[k](xn).wait_to_read()
-                times[k].append(time.perf_counter() - t)
-        ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-        yf = flayer(xn).asnumpy()
-        yq = qblock(xn).asnumpy()
-        bound = ref.error_bound(flayer.weight.data().asnumpy(), x,
-                                gluonq.quant.QParams('uint8', lo, hi),
-                                qblock.weight_scale.data().asnumpy(), kind, geo,
-                                bias_scale=True)
-        err = np.abs(yq - yf)
-        sizes = (file_size(flayer, tmp, 'f'), file_size(qblock, tmp, 'q'))
-        print('\n%s, batch %d' % (name, args.batch))
-        for k, v in ms.items():
-            print('  %-20s %8.2f ms  (%.2fx fp32)' % (k, v, ms['fp32'] / v))
-        print('  error: max |int8 - fp32| %.4g, mean %.3g; largest ratio to the derived bound '
-              '%.3f (mean bound %.3g)' % (err.max(), err.mean(), (err / bound).max(),
-                                         bound.mean()))
-        print('  .params: fp32 %d bytes, int8 %d bytes (%.1f%%)' % (
-            sizes[0], sizes[1], 100.0 * sizes[1] / sizes[0]))
+    with tempfile.TemporaryDirectory(prefix='gluonq-layers-') as tmp:
+        for name, flayer, qcls, x, kind, geo in layers(args.batch):
+            run_layer(args.batch, args.runs, tmp, name, flayer, qcls, x, kind, geo)
     return 0
+
+
+def run_layer(batch, runs, tmp, name, flayer, qcls, x, kind, geo):
+    """Time one layer's variants, check its error against the bound, compare sizes."""
+    lo = 0.0
+    hi = float(x.max())
+    qblock = qcls.from_float(flayer, in_range=(lo, hi))
+    net = mx.gluon.nn.HybridSequential()
+    net.add(flayer)
+    fast = gluonq.quantize_net(net, x, progress=False)
+    fast.hybridize()
+    flayer.hybridize(static_alloc=True, static_shape=True)
+    bi = builtin(flayer, x)
+    qblock.hybridize(static_alloc=True, static_shape=True)
+    xn = mx.nd.array(x)
+    fns = {'fp32': flayer, 'int8 block': qblock, 'int8 fast path': fast,
+           'MXNet built-in int8': bi}
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        for _ in range(3):
+            f(xn).wait_to_read()
+    for r in range(runs):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t = time.perf_counter()
+            fns[k](xn).wait_to_read()
+            times[k].append(time.perf_counter() - t)
+    ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    yf = flayer(xn).asnumpy()
+    yq = qblock(xn).asnumpy()
+    bound = ref.error_bound(flayer.weight.data().asnumpy(), x,
+                            gluonq.quant.QParams('uint8', lo, hi),
+                            qblock.weight_scale.data().asnumpy(), kind, geo,
+                            bias_scale=True)
+    err = np.abs(yq - yf)
+    sizes = (file_size(flayer, tmp, 'f'), file_size(qblock, tmp, 'q'))
+    print('\n%s, batch %d' % (name, batch))
+    for k, v in ms.items():
+        print('  %-20s %8.2f ms  (%.2fx fp32)' % (k, v, ms['fp32'] / v))
+    print('  error: max |int8 - fp32| %.4g, mean %.3g; largest ratio to the derived bound '
+          '%.3f (mean bound %.3g)' % (err.max(), err.mean(), (err / bound).max(),
+                                     bound.mean()))
+    print('  .params: fp32 %d bytes, int8 %d bytes (%.1f%%)' % (
+        sizes[0], sizes[1], 100.0 * sizes[1] / sizes[0]))
 
 
 if __name__ == '__main__':
