@@ -26,6 +26,14 @@ ONNX_REQUIRES = [
     'ml_dtypes',             # onnxruntime.quantization needs these two
     'sympy',
 ]
+OPENVINO_REQUIRES = ['openvino>=2024.6']
+TEST_REQUIRES = [
+    'pytest>=7',
+    'hypothesis>=6.100',
+    # three real pretrained ONNX models (text classifier, recognizer, detector) for the
+    # real-model tests and the demo; Apache-2.0
+    'rapidocr-onnxruntime==1.4.4',
+]
 
 setup(
     name='gluonq',
@@ -39,7 +47,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'onnx': ONNX_REQUIRES,
-        'test': ONNX_REQUIRES + ['pytest>=7'],
+        'openvino': ONNX_REQUIRES + OPENVINO_REQUIRES,
+        'nncf': ONNX_REQUIRES + OPENVINO_REQUIRES + ['nncf'],   # benchmarks' anchor only
+        'test': ONNX_REQUIRES + OPENVINO_REQUIRES + TEST_REQUIRES,
     },
     entry_points={'console_scripts': ['gluonq-convert=gluonq.cli:main']},
     license='Apache-2.0',
