@@ -41,7 +41,8 @@ __all__ = ['QRANGE', 'QBOUNDS', 'QParams', 'EPS_RANGE', 'dtype_for_range', 'scal
            'scale_from_max', 'quantize_weight', 'quantize_bias', 'accumulator_bound',
            'inv_scale_f', 'weight_inv_scale_f', 'requantize_multiplier_f', 'quantize_f',
            'dynamic_range_f', 'dequantize_f', 'dequantize_acc_f', 'requantize_f',
-           'bias_to_int32_f', 'round_half_even_f', 'split_operand_f',
+           'bias_to_int32_f', 'round_half_even_f', 'split_operand_f', 'matmul_bound',
+           'matmul_int_f',
            'inv_scale_np', 'weight_inv_scale_np', 'requantize_multiplier_np', 'quantize_np',
            'dequantize_np', 'requantize_np', 'conv_int_np', 'conv_np', 'dense_int_np',
            'onednn_conv_np', 'onednn_dense_np', 'sqnr_db']
@@ -269,9 +270,10 @@ def _fused_exact_scales(wc, s0):
     """Per-channel float32 scales near ``s0`` whose weights re-derive exactly in oneDNN.
 
     A channel whose largest-magnitude weight is negative (no +127) needs
-    ``m = f32(127.5 * s)`` from the float32 values of :func:`_good_mantissas`: the nearest
-    one within 0.3% of ``s0`` (in this binade or a neighbouring one) is taken; its largest
-    weight still maps to -127.
+    ``m = f32(127.5 * s)`` from the float32 values of :func:`_good_mantissas`. Of the scales
+    within 0.3% of ``s0`` whose ``m`` is one of the good values nearest ``m0`` (in this
+    binade or a neighbouring one), the one nearest ``s0`` in float32 steps (ties: the larger)
+    that re-derives exactly is taken; its largest weight still maps to -127.
     """
     scale = s0.astype(np.float32).copy()
     good = _good_mantissas()
@@ -284,15 +286,14 @@ def _fused_exact_scales(wc, s0):
                                     expo + good[max(0, i - 16):i + 16],
                                     expo + (1 << 23) + good[:16]])
         ms = cand_bits.astype(np.uint32).view(np.float32)
-        for m in ms[np.argsort(np.abs(ms.astype(np.float64) - float(m0)))]:
-            s = np.float32(m / np.float32(127.5))
-            for _ in range(3):                  # make f32(127.5 * s) == m exactly
-                t = np.float32(np.float32(127.5) * s)
-                s = np.nextafter(s, np.float32(np.inf)) if t < m else \
-                    (np.nextafter(s, np.float32(0)) if t > m else s)
-            if abs(s / scale[c] - 1) <= 3e-3 and \
-                    _fused_rederive_ok(wc[c:c + 1], np.array([s], np.float32))[0]:
-                scale[c] = s
+        # every float32 s with f32(127.5 * s) == m lies within 2 ulps of m / 127.5
+        near = (ms / np.float32(127.5)).astype(np.float32).view(np.int32)
+        sb = np.unique(near[:, None] + np.arange(-2, 3, dtype=np.int32))
+        s0b = int(scale[c:c + 1].view(np.int32)[0])
+        for sbits in sb[np.lexsort((-sb, np.abs(sb.astype(np.int64) - s0b)))]:
+            s = np.array([sbits], np.int32).view(np.float32)    # nearest first, ties: larger
+            if abs(s[0] / scale[c] - 1) <= 3e-3 and _fused_rederive_ok(wc[c:c + 1], s)[0]:
+                scale[c] = s[0]
                 break
     return scale
 
@@ -360,6 +361,22 @@ def accumulator_bound(fan_in, in_dtype, bias_max=0):
     2**24 for float32(acc) to be exact in the epilogue.
     """
     return int(fan_in) * QRANGE[in_dtype] * 127 + int(bias_max)
+
+
+def matmul_bound(k, a_dtype, b_dtype):
+    """Largest |acc| of a matmul of two activations with ``k`` products per output.
+
+    ``k * QRANGE_MAX_ABS[a] * QRANGE_MAX_ABS[b]`` (int8 activations reach -128): it must stay
+    below 2**31 - 1 for the int32 accumulator.
+    """
+    return int(k) * QRANGE_MAX_ABS[a_dtype] * QRANGE_MAX_ABS[b_dtype]
+
+
+#: A float32 sum of integers is exact while every partial sum stays below this.
+FLOAT32_EXACT = 2 ** 24
+#: Without a known contraction size, :func:`matmul_int_f` covers this many products with
+#: float32 chunks and the rest with one float64 product.
+_MATMUL_F32_COVER = 4096
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,6 +486,48 @@ def split_operand_f(F, q, dtype):
         a = F.relu(x)
         b = F.relu(-x)
     return F.cast(a, 'uint8'), F.cast(b, 'uint8')
+
+
+def matmul_int_f(F, qa, qb, a_dtype, b_dtype, transpose_a=False, transpose_b=False, k=None):
+    """Exact int32 ``op(qa) @ op(qb)`` over the last two axes (batch axes equal).
+
+    The integers are multiplied with the float32 ``linalg_gemm2``: a float32 sum of integer
+    products is exact, in any order, while the sum of their magnitudes stays below 2**24,
+    that is for ``k * max|a| * max|b| < 2**24`` (int8 x int8: k <= 1023; uint8 x int8:
+    514; uint8 x uint8: 258). A longer contraction is cut into chunks that each stay below
+    the bound, and the chunks are added in int32. ``k`` is the contraction size when known
+    (eager calls); a symbolic graph, which holds for every size, cuts the first
+    ``_MATMUL_F32_COVER`` products into float32 chunks (slices past the end are empty) and
+    multiplies the rest, if any, in float64 (exact up to 2**53).
+    """
+    a, b = F.cast(qa, 'float32'), F.cast(qb, 'float32')
+    kw = {'transpose_a': bool(transpose_a), 'transpose_b': bool(transpose_b)}
+    step = (FLOAT32_EXACT - 1) // matmul_bound(1, a_dtype, b_dtype)
+    if k is not None and k <= step:
+        return F.cast(F.linalg.gemm2(a, b, **kw), 'int32')
+    # 3-d views (batch, rows, cols), so that F.slice (which clamps) can cut the K axis
+    a3 = F.reshape(F.expand_dims(a, axis=0), shape=(-1, 0, 0), reverse=True)
+    b3 = F.reshape(F.expand_dims(b, axis=0), shape=(-1, 0, 0), reverse=True)
+    ka, kb = (1 if transpose_a else 2), (2 if transpose_b else 1)
+
+    def cut(x, axis, c0, c1):
+        begin, end = [None] * 3, [None] * 3
+        begin[axis], end[axis] = c0, c1
+        return F.slice(x, begin=tuple(begin), end=tuple(end))
+
+    cover = k if k is not None else _MATMUL_F32_COVER
+    parts = [F.cast(F.linalg.gemm2(cut(a3, ka, c, c + step), cut(b3, kb, c, c + step), **kw),
+                    'int32') for c in range(0, cover, step)]
+    end = len(parts) * step
+    if k is None:
+        a64, b64 = cut(a3, ka, end, None), cut(b3, kb, end, None)
+        parts.append(F.cast(F.linalg.gemm2(F.cast(a64, 'float64'), F.cast(b64, 'float64'),
+                                           **kw), 'int32'))
+    acc = F.add_n(*parts)
+    # back to the batch axes of the operands: (1, batch..., m, n) -> (batch..., m, n)
+    like = F.expand_dims(a, axis=0)
+    acc = F.reshape_like(acc, like, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=-2)
+    return F.reshape(acc, shape=(-3, -2))
 
 
 def bias_to_int32_f(F, bias, inv_in, inv_w):
