@@ -21,7 +21,7 @@ __all__ = ['QuantizedNet', 'FloatOp', 'BLOCKS']
 BLOCKS = {cls.__name__: cls for cls in (
     qnn.QuantizedDense, qnn.QuantizedConv1D, qnn.QuantizedConv2D, qnn.QuantizedConv3D,
     qnn.QuantizedAdd, qnn.QuantizedConcat, qnn.QuantizedPooling, qnn.QuantizedFlatten,
-    qnn.QuantizedActivation, qnn.Quantize, qnn.Dequantize)}
+    qnn.QuantizedActivation, qnn.QuantizedMatMul, qnn.Quantize, qnn.Dequantize)}
 
 
 def _find_op(F, op):

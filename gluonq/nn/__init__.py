@@ -10,6 +10,7 @@ from ._base import IntParameter, QTensor, QuantizedBlock, QuantizedLayer, as_qte
 from .basic_layers import (Dequantize, Quantize, QuantizedActivation, QuantizedDense,
                            QuantizedFlatten)
 from .conv_layers import QuantizedConv1D, QuantizedConv2D, QuantizedConv3D
+from .matmul import QuantizedMatMul
 from .merge import QuantizedAdd, QuantizedConcat
 from .pooling import (QuantizedAvgPool2D, QuantizedGlobalAvgPool2D, QuantizedGlobalMaxPool2D,
                       QuantizedMaxPool2D, QuantizedPooling)

@@ -1,0 +1,231 @@
+"""QuantizedMatMul against a numpy int64 model written here (no gluonq.quant), eager and
+hybridized, and the seed question's attention product A.B^T at [1, 4, 1024, 256]."""
+import mxnet as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gluonq import nn as qnn
+
+Q = {'int8': 127, 'uint8': 255}
+BOUNDS = {'int8': (-128, 127), 'uint8': (0, 255)}
+EPS = np.float32(1e-30)
+
+
+# -- the numpy model of gluonq's arithmetic (README "The arithmetic") ----------------------
+def inv_scale(lo, hi, dtype):
+    """Integer steps per real unit, float32: Q / max(|lo|, |hi|)."""
+    m = max(abs(np.float32(lo)), abs(np.float32(hi)), EPS)
+    return np.float32(np.float32(Q[dtype]) / np.float32(m))
+
+
+def quantize(x, lo, hi, dtype):
+    """saturate(round_half_even(float32(x) * inv))."""
+    y = np.clip((np.asarray(x, np.float32) * inv_scale(lo, hi, dtype)).astype(np.float32),
+                *BOUNDS[dtype])
+    return np.rint(y).astype(dtype)
+
+
+def run_range(x, dtype):
+    """The range a dynamic operand or output takes from its own values."""
+    if dtype == 'uint8':
+        return np.float32(0), max(np.float32(np.max(x)), EPS)
+    hi = max(np.float32(np.max(np.abs(x))), EPS)
+    return -hi, hi
+
+
+def matmul_int64(qa, qb, ta, tb):
+    a = np.swapaxes(qa, -1, -2) if ta else qa
+    b = np.swapaxes(qb, -1, -2) if tb else qb
+    return np.matmul(a.astype(np.int64), b.astype(np.int64))
+
+
+def model(block, a, b):
+    """numpy result of ``block(a, b)``: float32 array, or ``(q, lo, hi)``.
+
+    ``a``/``b`` are float32 arrays, or ``(q, lo, hi)`` tuples for QTensor operands."""
+    p = {k[len(block.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
+    ops, invs = [], []
+    for which, x in (('a', a), ('b', b)):
+        dtype = block.in_dtypes['ab'.index(which)]
+        if isinstance(x, tuple):
+            q, lo, hi = x
+        else:
+            lo, hi = ((p[which + '_min'][0], p[which + '_max'][0]) if which + '_min' in p
+                      else run_range(x, dtype))
+            q = quantize(x, lo, hi, dtype)
+        ops.append(q)
+        invs.append(inv_scale(lo, hi, dtype))
+    acc = matmul_int64(ops[0], ops[1], *block._transpose)
+    assert np.abs(acc).max(initial=0) < 2 ** 31
+    if block.alpha != 1.0:
+        invs.append(np.float32(1.0 / block.alpha))
+    if block.out_dtype == 'float32' or 'output_min' not in p:
+        inv = invs[0]
+        for f in invs[1:]:
+            inv = np.float32(inv * f)
+        y = (acc.astype(np.float32) / inv).astype(np.float32)
+        if block.out_dtype == 'float32':
+            return y
+        lo, hi = run_range(y, block.out_dtype)
+        return quantize(y, lo, hi, block.out_dtype), lo, hi
+    lo, hi = p['output_min'][0], p['output_max'][0]
+    m = inv_scale(lo, hi, block.out_dtype)
+    for f in invs:
+        m = np.float32(m / f)
+    y = np.clip((acc.astype(np.float32) * m).astype(np.float32), *BOUNDS[block.out_dtype])
+    return np.rint(y).astype(block.out_dtype), lo, hi
+
+
+def _values(rng, shape, dtype, scale, positive=False):
+    lo = 0.0 if dtype == 'uint8' or positive else -scale
+    return rng.uniform(lo, scale, shape).astype(np.float32)
+
+
+def _as_numpy(out):
+    qt = qnn.as_qtensor(out)
+    if qt is None:
+        return out.asnumpy(), None
+    return qt.data.asnumpy(), (qt.min.asnumpy()[0], qt.max.asnumpy()[0])
+
+
+# -- properties ------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1),
+       batch=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+       m=st.integers(1, 5), n=st.integers(1, 5),
+       k=st.one_of(st.integers(1, 40), st.integers(250, 3000)),
+       ta=st.booleans(), tb=st.booleans(),
+       dtypes=st.tuples(st.sampled_from(['int8', 'uint8']), st.sampled_from(['int8', 'uint8'])),
+       kinds=st.tuples(*[st.sampled_from(['static', 'dynamic', 'qtensor'])] * 2),
+       out=st.sampled_from(['float32', 'int8', 'uint8', 'dynamic']),
+       alpha=st.sampled_from([1.0, 0.125, 1 / np.sqrt(48), 3.0]), positive=st.booleans())
+def test_bit_exact_against_int64_model(seed, batch, m, n, k, ta, tb, dtypes, kinds, out,
+                                       alpha, positive):
+    """``positive`` draws int8 operands >= 0 too: no cancellation, so long contractions
+    reach partial sums that float32 would round without the chunks."""
+    rng = np.random.RandomState(seed)
+    shapes = [tuple(batch) + ((k, m) if ta else (m, k)),
+              tuple(batch) + ((n, k) if tb else (k, n))]
+    xs = [_values(rng, s, d, 2.0, positive) for s, d in zip(shapes, dtypes)]
+    cfg, inputs, model_inputs = {}, [], []
+    for which, x, dtype, kind in zip('ab', xs, dtypes, kinds):
+        cfg[which + '_dtype'] = dtype
+        if kind == 'static':           # a calibrated range a bit narrower: some saturate
+            cfg[which + '_range'] = (0.0 if dtype == 'uint8' else -1.8, 1.8)
+        if kind == 'qtensor':
+            lo, hi = (0.0, 2.0) if dtype == 'uint8' else (-2.0, 2.0)
+            q = quantize(x, lo, hi, dtype)
+            inputs.append(qnn.QTensor(mx.nd.array(q, dtype=dtype), mx.nd.array([lo]),
+                                      mx.nd.array([hi])))
+            model_inputs.append((q, np.float32(lo), np.float32(hi)))
+        else:
+            inputs.append(mx.nd.array(x))
+            model_inputs.append(x)
+    ref_float = np.matmul(np.swapaxes(xs[0], -1, -2) if ta else xs[0],
+                          np.swapaxes(xs[1], -1, -2) if tb else xs[1]) * alpha
+    if out in ('int8', 'uint8'):
+        hi = float(np.abs(ref_float).max()) + 1e-3
+        cfg['out_range'] = (0.0 if out == 'uint8' else -hi, hi)
+        cfg['out_dtype'] = out
+    elif out == 'dynamic':
+        cfg['out_dtype'] = 'int8'
+    block = qnn.QuantizedMatMul(transpose_a=ta, transpose_b=tb, alpha=alpha, **cfg)
+    block.initialize()
+    got, rng_got = _as_numpy(block(*inputs))
+    expect = model(block, *model_inputs)
+    if isinstance(expect, tuple):
+        q, lo, hi = expect
+        assert got.dtype == q.dtype
+        np.testing.assert_array_equal(got, q)
+        np.testing.assert_array_equal(rng_got, (lo, hi))
+    else:
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expect)
+    block.hybridize()
+    got2, rng2 = _as_numpy(block(*inputs))
+    np.testing.assert_array_equal(got2, got)
+    assert rng2 == rng_got
+
+
+def test_long_contraction_float64_remainder_hybridized():
+    """K beyond the float32 chunks of the symbolic graph (uint8 x uint8, K = 5000): exact."""
+    rng = np.random.RandomState(1)
+    a = rng.uniform(0, 1, (2, 3, 5000)).astype(np.float32)
+    b = rng.uniform(0, 1, (2, 5000, 2)).astype(np.float32)
+    block = qnn.QuantizedMatMul(a_dtype='uint8', b_dtype='uint8')
+    block.initialize()
+    expect = model(block, a, b)
+    assert 5000 * 255 * 255 > 2 ** 24           # one float32 product would not be exact
+    eager = block(mx.nd.array(a), mx.nd.array(b)).asnumpy()
+    np.testing.assert_array_equal(eager, expect)
+    block.hybridize()
+    np.testing.assert_array_equal(block(mx.nd.array(a), mx.nd.array(b)).asnumpy(), expect)
+
+
+def test_int32_bound_and_shape_errors():
+    block = qnn.QuantizedMatMul(a_dtype='uint8', b_dtype='uint8')
+    block.initialize()
+    k = 2 ** 31 // (255 * 255) + 1
+    with pytest.raises(ValueError, match='int32 accumulator'):
+        block(mx.nd.ones((1, k)), mx.nd.ones((k, 1)))
+    with pytest.raises(ValueError, match=r'contract 3 with 4'):
+        block(mx.nd.ones((2, 3)), mx.nd.ones((4, 2)))
+    with pytest.raises(ValueError, match='equal leading axes'):
+        block(mx.nd.ones((2, 2, 3)), mx.nd.ones((3, 3, 2)))
+    q = qnn.QTensor(mx.nd.ones((2, 3), dtype='int8'), mx.nd.array([-1]), mx.nd.array([1]))
+    with pytest.raises(TypeError, match="a_dtype='int8'"):
+        block(q, mx.nd.ones((3, 2)))
+    with pytest.raises(ValueError, match='axis=-3'):
+        qnn.QuantizedMatMul.from_op('linalg_gemm2', {'axis': '-3'})
+    with pytest.raises(ValueError, match='not one of'):
+        qnn.QuantizedMatMul.from_op('FullyConnected', {})
+
+
+def test_from_op_reads_the_float_attributes():
+    blk = qnn.QuantizedMatMul.from_op('batch_dot', {'transpose_b': 'True'},
+                                      a_range=(-1, 1), b_range=(-2, 2))
+    assert repr(blk) == 'QuantizedMatMul(int8 [-1, 1] x int8 [-2, 2] -> float32, transpose_b)'
+    blk = qnn.QuantizedMatMul.from_op('_linalg_gemm2', {'transpose_a': '1', 'alpha': '0.5'},
+                                      alpha=0.25, out_range=(0, 3))
+    assert blk.alpha == 0.125
+    assert repr(blk) == ('QuantizedMatMul(int8 x int8 -> uint8 [0, 3], transpose_a, '
+                         'alpha=0.125)')
+
+
+def test_seed_attention_scores_requantize_dequantize():
+    """A.B^T with A, B of shape [1, 4, 1024, 256] (q and k of 4 heads): int8 x int8 -> int32
+    (|acc| <= 256 * 128 * 128 = 2**22, below 2**24: one exact float32 product, far below
+    2**31) -> int8 with the calibrated output range -> dequantized, against float64."""
+    rng = np.random.RandomState(2)
+    a = rng.normal(0, 1, (1, 4, 1024, 256)).astype(np.float32)
+    b = rng.normal(0, 1, (1, 4, 1024, 256)).astype(np.float32)
+    exact = np.matmul(a.astype(np.float64), np.swapaxes(b, -1, -2).astype(np.float64))
+    ra, rb = float(np.abs(a).max()), float(np.abs(b).max())
+    ro = float(np.abs(exact).max())
+    block = qnn.QuantizedMatMul(transpose_b=True, a_range=(-ra, ra), b_range=(-rb, rb),
+                                out_range=(-ro, ro))
+    block.initialize()
+    got, (lo, hi) = _as_numpy(block(mx.nd.array(a), mx.nd.array(b)))
+    s_a, s_b, s_o = (np.float64(1) / inv_scale(-r, r, 'int8') for r in (ra, rb, hi))
+    # the integers: the int64 model (float64 products of integers below 2**53 are exact)
+    qa, qb = quantize(a, -ra, ra, 'int8'), quantize(b, -rb, rb, 'int8')
+    acc = np.matmul(qa.astype(np.float64), np.swapaxes(qb, -1, -2).astype(np.float64))
+    assert np.abs(acc).max() <= 256 * 128 * 128 < 2 ** 24
+    m = np.float32(np.float32(inv_scale(lo, hi, 'int8') / inv_scale(-ra, ra, 'int8')) /
+                   inv_scale(-rb, rb, 'int8'))
+    expect = np.rint(np.clip((acc.astype(np.float32) * m).astype(np.float32), -128, 127))
+    np.testing.assert_array_equal(got, expect.astype(np.int8))
+    # dequantized against float: |a.b - a^.b^| <= s_a/2 sum|b| + s_b/2 sum|a^|, plus half an
+    # output step (the calibrated range covers the float result, so nothing saturates)
+    deq = got.astype(np.float64) * s_o
+    a_hat = qa.astype(np.float64) * s_a
+    bound = (0.5 * s_a * np.abs(b).astype(np.float64).sum(-1)[..., None, :] +
+             0.5 * s_b * np.abs(a_hat).sum(-1)[..., :, None] + 0.5 * s_o) * (1 + 1e-5)
+    err = np.abs(deq - exact)
+    assert np.all(err <= bound)
+    print('max error %.4g, bound %.4g..%.4g, SQNR %.1f dB' % (
+        err.max(), bound.min(), bound.max(),
+        10 * np.log10((exact ** 2).sum() / ((deq - exact) ** 2).sum())))
+    block.hybridize()
+    np.testing.assert_array_equal(_as_numpy(block(mx.nd.array(a), mx.nd.array(b)))[0], got)
