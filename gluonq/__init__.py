@@ -5,6 +5,7 @@
 * :func:`save_quantized` / :func:`load_quantized` -- int8 checkpoints
 * :func:`export_fast`, :func:`export_compact` -- deployment files for stock MXNet
 * :func:`export_onnx` -- QDQ ONNX for onnxruntime (needs ``pip install gluonq[onnx]``)
+* :func:`export_openvino` -- OpenVINO IR, int8 (needs ``pip install gluonq[openvino]``)
 * :func:`import_onnx` -- a float ONNX model as a Gluon SymbolBlock (needs ``gluonq[onnx]``)
 * :mod:`gluonq.debug` -- layer-by-layer comparison with the float network
 """
@@ -14,4 +15,5 @@ from . import init, nn, quant                       # noqa: E402
 from .convert import QuantizedNet, quantize_net     # noqa: E402
 from .export import export_compact, export_fast, load_quantized, save_quantized  # noqa: E402
 from .onnx import ONNXExportError, export_onnx                    # noqa: E402
+from .openvino import export_openvino                             # noqa: E402
 from .onnx_import import ONNXImportError, import_onnx      # noqa: E402
