@@ -111,6 +111,9 @@ def build_network(args):
         kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as err:
         raise CliError('--model-kwargs is not valid JSON: %s' % err) from None
+    if not isinstance(kwargs, dict):
+        raise CliError('--model-kwargs must be a JSON object ({"name": value}), got %s'
+                       % args.model_kwargs)
     if args.model:
         from gluoncv.model_zoo import get_model
         if args.classes is not None:
@@ -120,10 +123,26 @@ def build_network(args):
         except ValueError as err:
             raise CliError('--model %s: %s' % (args.model, str(err).splitlines()[0])) from None
     if args.factory:
-        return _import(args.factory, '--factory')(**kwargs)
+        factory = _import(args.factory, '--factory')
+        try:
+            net = factory(**kwargs)
+        except TypeError as err:
+            raise CliError('--factory %s does not take --model-kwargs %s: %s'
+                           % (args.factory, args.model_kwargs, err)) from None
+        if not isinstance(net, mx.gluon.HybridBlock):
+            raise CliError('--factory %s returned %s: expected a Gluon HybridBlock'
+                           % (args.factory, type(net).__name__))
+        return net
     if not os.path.exists(args.symbol):
         raise CliError('--symbol file %s not found' % args.symbol)
-    sym = mx.sym.load(args.symbol)
+    try:
+        sym = mx.sym.load(args.symbol)
+    except mx.base.MXNetError:
+        raise CliError('--symbol %s is not an MXNet symbol JSON file (prefix-symbol.json)'
+                       % args.symbol) from None
+    if args.input_name not in sym.list_arguments():
+        raise CliError('--symbol %s has no input %r (--input-name); its arguments begin %s'
+                       % (args.symbol, args.input_name, ', '.join(sym.list_arguments()[:5])))
     return mx.gluon.SymbolBlock(sym, [mx.sym.var(args.input_name)])
 
 
@@ -213,6 +232,12 @@ def _prepare_images(imgs, args, source):
         out.append(im)
     x = np.stack(out).astype(np.float32) / 255.0                  # N, H, W, C
     mean, std = np.asarray(args.mean, np.float32), np.asarray(args.std, np.float32)
+    for flag, v in (('--mean', mean), ('--std', std)):
+        if v.size not in (1, x.shape[-1]):
+            raise CliError('%s has %d values: give one, or one per channel (the images in %s '
+                           'have %d)' % (flag, v.size, source, x.shape[-1]))
+    if not np.all(std > 0):
+        raise CliError('--std must be positive, got %s' % ' '.join('%g' % v for v in std))
     x = (x - mean) / std
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
@@ -265,11 +290,25 @@ def _accuracy(net, x, y, batch_size=256):
     return 100.0 * float((logits.argmax(1) == y.reshape(-1)).mean()), logits
 
 
+def _check_args(args):
+    """Option values argparse cannot check by itself."""
+    for flag in ('num_calib_examples', 'batch_size'):
+        if getattr(args, flag) < 1:
+            raise CliError('--%s must be at least 1, got %d' % (flag.replace('_', '-'),
+                                                                getattr(args, flag)))
+    if args.image_size is not None and min(args.image_size) < 1:
+        raise CliError('--image-size H W must be positive, got %d %d' % tuple(args.image_size))
+    if args.percentile is not None and args.calib_mode != 'percentile':
+        raise CliError('--percentile is used only with --calib-mode percentile (got '
+                       '--calib-mode %s)' % args.calib_mode)
+
+
 def run(args):
     import gluonq
     from gluonq import debug, quant
     from gluonq.calibration.collect import CalibrationDataError
     t0 = time.time()
+    _check_args(args)
     net = build_network(args)
     load_float_params(net, args.params)
     try:
@@ -280,10 +319,16 @@ def run(args):
         [p for p in (args.onnx, args.report_png) if p] + \
         [q + s for q in (args.export_fast, args.export_compact) if q
          for s in ('-symbol.json', '-0000.params')]
+    clash = sorted({o for o in outputs if outputs.count(o) > 1})
+    if clash:
+        raise CliError('two outputs would be written to %s: give each its own path'
+                       % ', '.join(clash))
     if not args.overwrite:
         existing = [o for o in outputs if os.path.exists(o)]
         if existing:
             raise CliError('refusing to overwrite %s (use --overwrite)' % ', '.join(existing))
+    if args.eval:
+        xe, ye = _eval_data(args, x)
     opts = {'percentile': args.percentile} if args.percentile is not None else None
     try:
         qnet = gluonq.quantize_net(net, x, calib_mode=args.calib_mode,
@@ -293,41 +338,75 @@ def run(args):
                                    calib_options=opts, progress=not args.quiet)
     except CalibrationDataError as err:
         raise CliError('--calib %s: %s' % (args.calib, err)) from None
+    except ValueError as err:               # a setting the network rejects (--exclude, ...)
+        raise CliError(str(err)) from None
     convert_s = time.time() - t0
     rows = debug.compare(net, qnet, x, num_examples=min(len(x), 128))
     summary = {'calib_examples': int(min(len(x), args.num_calib_examples)),
                'convert_seconds': round(convert_s, 2)}
     if args.eval:
-        xe, ye = load_array_data(args.eval, args.eval_key, args.eval_label_key, True)
-        if args.transform:
-            xe = _import(args.transform, '--transform')(xe)
         net.hybridize()
         acc_f, lf = _accuracy(net, xe, ye)
         qnet.hybridize()
         acc_q, lq = _accuracy(qnet, xe, ye)
         summary.update({'fp32_top1': acc_f, 'int8_top1': acc_q,
                         'logit_sqnr_db': round(quant.sqnr_db(lf, lq), 2)})
-    written = []
-    try:            # every file is written atomically; a failure removes this run's files
-        written += gluonq.save_quantized(qnet, args.out, overwrite=args.overwrite,
-                                         extra={'summary': summary})
-        if args.export_fast:
-            written += gluonq.export_fast(qnet, args.export_fast, overwrite=args.overwrite)
-        if args.export_compact:
-            written += gluonq.export_compact(qnet, args.export_compact,
-                                             overwrite=args.overwrite)
-        if args.onnx:
-            written.append(gluonq.export_onnx(qnet, args.onnx, overwrite=args.overwrite,
-                                              weight_dtype=args.onnx_weights))
-        if args.report_png:
-            written.append(debug.plot(rows, args.report_png))
-    except BaseException:
-        for path in written:
-            if os.path.exists(path):
-                os.remove(path)
-        raise
+    written = _write_outputs(args, qnet, rows, summary)
     _print_summary(qnet, rows, summary, written)
     return 0
+
+
+def _eval_data(args, x):
+    """--eval inputs (transformed like the calibration data) and labels, checked against it."""
+    xe, ye = load_array_data(args.eval, args.eval_key, args.eval_label_key, True)
+    if args.transform:
+        xe = np.asarray(_import(args.transform, '--transform')(xe))
+    if xe.shape[1:] != x.shape[1:]:
+        raise CliError('--eval %s: inputs have example shape %s, the calibration data %s'
+                       % (args.eval, xe.shape[1:], x.shape[1:]))
+    if len(ye.reshape(-1)) != len(xe):
+        raise CliError('--eval %s: %d inputs but %d labels' % (args.eval, len(xe),
+                                                               ye.size))
+    return xe, ye
+
+
+def _write_outputs(args, qnet, rows, summary):
+    """Write every output under a temporary name in its folder, then move them all into
+    place: a failure leaves no new file behind and every existing one as it was (also with
+    --overwrite). Returns the paths written."""
+    import gluonq
+    from gluonq import debug
+
+    def staged(path):
+        folder, base = os.path.split(path)
+        tmp = os.path.join(folder, '.gluonq-tmp-%d-%s' % (os.getpid(), base))
+        return tmp, lambda written: [path + w[len(tmp):] for w in written]
+
+    jobs = [(args.out, lambda p: gluonq.save_quantized(qnet, p, extra={'summary': summary}))]
+    if args.export_fast:
+        jobs.append((args.export_fast, lambda p: gluonq.export_fast(qnet, p)))
+    if args.export_compact:
+        jobs.append((args.export_compact, lambda p: gluonq.export_compact(qnet, p)))
+    if args.onnx:
+        jobs.append((args.onnx, lambda p: [gluonq.export_onnx(
+            qnet, p, weight_dtype=args.onnx_weights)]))
+    if args.report_png:
+        jobs.append((args.report_png, lambda p: [debug.plot(rows, p)]))
+    temps, finals = [], []
+    try:
+        for path, write in jobs:
+            tmp, final = staged(path)
+            got = list(write(tmp))
+            temps += got
+            finals += final(got)
+        for tmp, path in zip(temps, finals):
+            os.replace(tmp, path)
+        temps = []
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return finals
 
 
 def _print_summary(qnet, rows, summary, written):

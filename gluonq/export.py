@@ -103,19 +103,40 @@ def load_quantized(prefix, ctx=None):
     try:
         with open(json_path) as f:
             spec = json.load(f)
-    except json.JSONDecodeError as err:
-        raise CheckpointError('%s is not valid JSON: %s' % (json_path, err)) from None
-    if spec.get('format') != FORMAT:
-        raise CheckpointError('%s is not a gluonq checkpoint sidecar (format %r)'
-                              % (json_path, spec.get('format')))
-    qnet = QuantizedNet(spec)
-    loaded = mx.nd.load(params_path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError('%s is not a JSON sidecar (truncated or corrupt?): %s'
+                              % (json_path, err)) from None
+    if not isinstance(spec, dict) or spec.get('format') != FORMAT:
+        raise CheckpointError('%s is not a gluonq checkpoint sidecar (expected "format": %r, '
+                              'got %r)' % (json_path, FORMAT, spec.get('format')
+                                           if isinstance(spec, dict) else type(spec).__name__))
+    try:
+        qnet = QuantizedNet(spec)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError('%s is a damaged gluonq sidecar: cannot rebuild the network '
+                              '(%s: %s)' % (json_path, type(err).__name__, err)) from None
+    try:
+        loaded = mx.nd.load(params_path)
+    except mx.base.MXNetError:
+        raise CheckpointError('%s is not a readable MXNet .params file (truncated or '
+                              'corrupt?): expected the arrays save_quantized wrote for %s'
+                              % (params_path, json_path)) from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError('%s holds unnamed arrays: expected the named parameters '
+                              'save_quantized writes' % params_path)
     expected = qnet._collect_params_with_prefix()
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
     if missing or unexpected:
         raise CheckpointError('%s does not match %s: missing %s, unexpected %s'
                               % (params_path, json_path, missing[:10], unexpected[:10]))
+    for name, param in expected.items():
+        got = loaded[name].shape
+        if param.shape and (len(got) != len(param.shape) or
+                            any(s not in (0, t) for s, t in zip(param.shape, got))):
+            raise CheckpointError('%s does not match %s: parameter %s has shape %s, the '
+                                  'network expects %s' % (params_path, json_path, name, got,
+                                                          param.shape))
     qnet.load_parameters(params_path, ctx=ctx or mx.cpu())
     return qnet
 

@@ -7,6 +7,9 @@ and feeds one observer per tensor.
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import mxnet as mx
 import numpy as np
 
@@ -26,14 +29,39 @@ def _as_numpy(x, what):
                                % (what, type(x).__name__))
 
 
+def _caller_stacklevel():
+    """``stacklevel`` of the first frame outside gluonq (a warning points at the user's call)."""
+    import sys
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_if_unnormalized(data, i):
+    """Integer data (e.g. uint8 0-255 pixels) is rarely what a float network was trained on."""
+    if np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_:
+        warnings.warn('calibration batch %d holds %s values (%g..%g): is it normalized the way '
+                      'the network was trained? It is calibrated as float32 of these values; '
+                      'apply the training preprocessing (e.g. x / 255, mean and std) first'
+                      % (i, data.dtype.name, data.min(), data.max()), UserWarning,
+                      stacklevel=_caller_stacklevel())
+
+
 def as_batches(calib_data, num_batches=None, num_examples=None, batch_size=32,
                with_labels=False):
     """Float32 numpy batches (and labels, if present and asked for) from ``calib_data``.
 
     Accepts a numpy array or NDArray of examples (split into ``batch_size`` batches), a Gluon
     DataLoader or any iterable of arrays or of ``(data, label, ...)`` tuples. At most
-    ``num_batches`` batches / ``num_examples`` examples are taken.
+    ``num_batches`` batches / ``num_examples`` examples are taken. Integer data (e.g.
+    uint8 0-255 images) is taken as it is, with a warning that it looks unnormalized.
     """
+    for name, value in (('num_batches', num_batches), ('num_examples', num_examples),
+                        ('batch_size', batch_size)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise CalibrationDataError('%s must be a positive integer, got %r' % (name, value))
     if isinstance(calib_data, (np.ndarray, mx.nd.NDArray)):
         arr = _as_numpy(calib_data, 'calib_data')
         if arr.ndim == 0 or arr.shape[0] == 0:
@@ -71,6 +99,8 @@ def as_batches(calib_data, num_batches=None, num_examples=None, batch_size=32,
             raise CalibrationDataError('calibration batch %d has example shape %s, the first '
                                        'batch had %s' % (i, data.shape[1:], shape))
         shape = data.shape[1:]
+        if i == 0:
+            _warn_if_unnormalized(data, i)
         data = data.astype(np.float32, copy=False)
         if not np.all(np.isfinite(data)):
             raise CalibrationDataError('calibration batch %d holds NaN or Inf' % i)
