@@ -269,32 +269,43 @@ def _fused_rederive_ok(wc, scale):
 def _fused_exact_scales(wc, s0):
     """Per-channel float32 scales near ``s0`` whose weights re-derive exactly in oneDNN.
 
-    A channel whose largest-magnitude weight is negative (no +127) needs
-    ``m = f32(127.5 * s)`` from the float32 values of :func:`_good_mantissas`. Of the scales
-    within 0.3% of ``s0`` whose ``m`` is one of the good values nearest ``m0`` (in this
-    binade or a neighbouring one), the one nearest ``s0`` in float32 steps (ties: the larger)
-    that re-derives exactly is taken; its largest weight still maps to -127.
+    A channel whose largest-magnitude weight is negative (no +127) may not re-derive at
+    ``s0`` (its image ``-f32(127.5 * s)`` maps to -128 unless ``m = f32(127.5 * s)`` is one
+    of :func:`_good_mantissas`, or a positive weight reaches +127 at ``s``). Of the float32
+    scales within 0.3% of ``s0``, the one nearest ``s0`` in float32 steps (ties: the larger)
+    that re-derives exactly is taken; only scales of those two kinds are tried.
     """
     scale = s0.astype(np.float32).copy()
     good = _good_mantissas()
     for c in np.flatnonzero(~_fused_rederive_ok(wc, scale)):
-        m0 = np.float32(np.float32(127.5) * scale[c])
-        bits = int(np.array([m0]).view(np.uint32)[0])
-        expo, mant = bits & ~0x7FFFFF, bits & 0x7FFFFF
-        i = int(np.searchsorted(good, mant))
-        cand_bits = np.concatenate([expo - (1 << 23) + good[-16:],
-                                    expo + good[max(0, i - 16):i + 16],
-                                    expo + (1 << 23) + good[:16]])
-        ms = cand_bits.astype(np.uint32).view(np.float32)
+        s0c = float(scale[c])
+        # candidates: the scales whose m = f32(127.5 * s) is good, over the binades that
+        # 0.3% around m0 spans, and those just below w_p / 126.5 (the largest positive
+        # weight w_p then reaches +127)
+        blo, bhi = (int(np.array([127.5 * s0c * f], np.float32).view(np.uint32)[0])
+                    for f in (1 - 3.1e-3, 1 + 3.1e-3))
+        ms = [expo + good[np.searchsorted(good, max(blo - expo, 0)):
+                          np.searchsorted(good, min(bhi - expo, 0x7FFFFF), 'right')]
+              for expo in range(blo & ~0x7FFFFF, (bhi & ~0x7FFFFF) + 1, 1 << 23)]
+        ms = np.concatenate(ms).astype(np.uint32).view(np.float32)
+        near = [(ms / np.float32(127.5)).astype(np.float32)]
+        w_p = float(wc[c].max())
+        if w_p > 0:
+            near.append(np.array([w_p / 126.5], np.float32))
+        nb = np.concatenate(near).view(np.int32)
         # every float32 s with f32(127.5 * s) == m lies within 2 ulps of m / 127.5
-        near = (ms / np.float32(127.5)).astype(np.float32).view(np.int32)
-        sb = np.unique(near[:, None] + np.arange(-2, 3, dtype=np.int32))
+        sb = np.unique(nb[:, None] + np.arange(-3, 4, dtype=np.int32))
         s0b = int(scale[c:c + 1].view(np.int32)[0])
-        for sbits in sb[np.lexsort((-sb, np.abs(sb.astype(np.int64) - s0b)))]:
-            s = np.array([sbits], np.int32).view(np.float32)    # nearest first, ties: larger
-            if abs(s[0] / scale[c] - 1) <= 3e-3 and _fused_rederive_ok(wc[c:c + 1], s)[0]:
-                scale[c] = s[0]
+        ss = sb[np.lexsort((-sb, np.abs(sb.astype(np.int64) - s0b)))].view(np.float32)
+        ss = ss[np.abs(ss.astype(np.float64) / s0c - 1) <= 3e-3]
+        i, size = 0, 16
+        while i < ss.size:                # nearest first (ties: larger), growing chunks
+            part = ss[i:i + size]
+            ok = _fused_rederive_ok(np.repeat(wc[c:c + 1], part.size, axis=0), part)
+            if ok.any():
+                scale[c] = part[int(np.argmax(ok))]
                 break
+            i, size = i + size, 2 * size
     return scale
 
 
@@ -317,15 +328,17 @@ def fused_weight_image(q, scale, axis=0):
     return np.moveaxis(img.reshape((q.shape[axis],) + tuple(np.delete(q.shape, axis))), 0, axis)
 
 
-def quantize_bias(b, s_in, s_w):
+def quantize_bias(b, s_in, s_w, headroom=0):
     """int32 bias at scale ``s_in * s_w`` (per output channel): ``round(b / (s_in * s_w))``.
 
-    Saturates at the int32 range instead of wrapping around.
+    Saturates instead of wrapping around, at ``+-(2**31 - 1 - headroom)``: ``headroom`` (per
+    channel) is the largest ``|sum(q_x * q_w)|`` the layer can add, so that the accumulator
+    ``sum + bias`` never leaves int32 either.
     """
     bias_scale = np.float64(s_in) * np.asarray(s_w, np.float64)
     q = _round_half_away(np.asarray(b, np.float64) / bias_scale)
-    lo, hi = QBOUNDS['int32']
-    return np.clip(q, lo, hi).astype(np.int32)
+    lim = QBOUNDS['int32'][1] - np.asarray(headroom, np.int64)
+    return np.clip(q, -lim, lim).astype(np.int32)
 
 
 def requantize_np(terms, dtype, relu=False, fused_sum=False):

@@ -25,8 +25,8 @@ The rules, as documented:
   integers (:func:`weight_q`): they see the float image ``q * s`` with one extreme element
   stored as ``+-f32(127.5 s)`` and re-derive ``rint(f32(image * f32(127.5 / max|image|)))``
   (half to even, saturated to [-128, 127]).
-* Static bias: int32 ``round_half_away(b / (s_x * s_w))`` (float64), saturated to
-  +-(2**31 - 1), with ``s_x = f32(M / Q)``. Dynamic bias: ``round_half_away(f32(f32(b *
+* Static bias: int32 ``round_half_away(b / (s_x * s_w))`` (float64), with
+  ``s_x = f32(M / Q)``, saturated so that ``acc`` cannot leave int32 (:func:`bias_q`). Dynamic bias: ``round_half_away(f32(f32(b *
   inv_x) * inv_w))`` at the run-time scale.
 * ``acc = sum(q_x * q_w) + q_b`` exactly (int64 here; gluonq promises int32).
 * Float output: ``acc * s_x * s_w`` (exact here; gluonq's float32 order is within
@@ -41,9 +41,10 @@ Public API
 ``resolve_range(dtype, lo, hi, snap=True)`` -> ``(dtype, lo, hi)`` as a block holds it
 ``snap_max(m, dtype)``, ``inv_scale(dtype, m)``
 ``quantize(x, dtype, lo, hi)``, ``dequantize(q, dtype, lo, hi)``
-``weight_q(w, per_channel)`` -> ``(q int8, scale float32)``, ``bias_q(b, s_x, s_w)``
+``weight_q(w, per_channel)`` -> ``(q int8, scale float32)``,
+``bias_q(b, s_x, s_w, qw=None, in_dtype='int8')``
 ``conv_int(qx, qw, stride, pad, dilate, groups)``, ``dense_int(qx, qw, flatten)``
-``requantize(acc, m, dtype, relu, residual=None)``
+``requantize(acc, m, dtype, relu, residual=None, fused=True)``
 ``layer(kind, w, b, x, in_dtype, in_range, out_dtype, out_range, per_channel, relu,
 residual=None, residual_qp=None, geometry=None, flatten=True)`` -> float32 array or
 ``(q, dtype, lo, hi)``
@@ -57,6 +58,8 @@ import numpy as np
 Q = {'int8': 127, 'uint8': 255}
 #: Saturation bounds of each integer dtype.
 BOUNDS = {'int8': (-128, 127), 'uint8': (0, 255)}
+#: Largest |q| of each activation dtype (int8 saturates at -128).
+MAX_ABS = {'int8': 128, 'uint8': 255}
 #: MXNet's range constants (its fused kernels take Q' / R steps per real unit).
 MX_Q = {'int8': 127.5, 'uint8': 255.5}
 #: Smallest range magnitude (an all-zero tensor gets it, so no scale is ever 0).
@@ -192,6 +195,18 @@ def _rederives(row, s):
     return np.all(back == q, axis=1)
 
 
+def _extreme_may_rederive(row, s):
+    """A necessary condition of :func:`_rederives`, cheap for many candidate scales: some
+    positive weight reaches +127 (its image +m re-derives to 127 after saturation), or the
+    image -m of the negative extreme re-derives to -127, not -128."""
+    s = np.asarray(s, np.float32)
+    top = float(np.max(row)) if row.size else 0.0
+    reaches = _round_half_away(top / s.astype(np.float64)) >= 127
+    m = (_f32(127.5) * s).astype(np.float32)
+    inv = (_f32(127.5) / m).astype(np.float32)
+    return reaches | (np.rint((m * inv).astype(np.float32).astype(np.float64)) <= 127)
+
+
 def _onednn_exact_scale(row, s0):
     """The float32 scale nearest ``s0`` (in ulps, ties upward, within 0.3%) at which oneDNN
     re-derives the same integers; ``s0`` when it already does."""
@@ -203,15 +218,29 @@ def _onednn_exact_scale(row, s0):
         start += size
         cand = _from_bits(base + offsets.astype(np.int32))
         cand = cand[np.abs(cand.astype(np.float64) / float(s0) - 1) <= 3e-3]
+        cand = cand[_extreme_may_rederive(row, cand)]
         ok = np.flatnonzero(_rederives(row, cand))
         if ok.size:
             return cand[ok[0]]
     raise AssertionError('no oneDNN-exact weight scale within 0.3% of %r' % (s0,))
 
 
+_WEIGHT_CACHE = {}
+
+
 def weight_q(w, per_channel=True):
     """int8 weights ``q`` (shape of ``w``) and float32 scales (``(O,)`` or ``(1,)``)."""
     w = np.asarray(w, np.float32)
+    key = (w.shape, w.tobytes(), bool(per_channel))
+    if key not in _WEIGHT_CACHE:
+        if len(_WEIGHT_CACHE) > 64:
+            _WEIGHT_CACHE.clear()
+        _WEIGHT_CACHE[key] = _weight_q(w, per_channel)
+    q, s = _WEIGHT_CACHE[key]
+    return q.copy(), s.copy()
+
+
+def _weight_q(w, per_channel):
     rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     top = np.abs(rows.astype(np.float64)).max(axis=1) if rows.size else np.zeros(len(rows))
     s = (np.where(top > 0, top, 1.0) / 127.0).astype(np.float32)
@@ -223,11 +252,17 @@ def weight_q(w, per_channel=True):
     return q, s
 
 
-def bias_q(b, s_x, s_w):
-    """Static int32 bias ``round_half_away(b / (s_x * s_w))``, saturated (float64)."""
+def bias_q(b, s_x, s_w, qw=None, in_dtype='int8'):
+    """Static int32 bias ``round_half_away(b / (s_x * s_w))`` (float64), saturated so that
+    the accumulator cannot leave int32: at ``+-(2**31 - 1 - h)`` with ``h = max|q_x| *
+    sum|q_w|`` per channel (``max|q_x|`` 128 for int8, 255 for uint8) when the integer
+    weights ``qw`` are given, else at ``+-(2**31 - 1)``."""
     v = _round_half_away(np.asarray(b, np.float64) /
                          (np.float64(s_x) * np.asarray(s_w, np.float64)))
-    return np.clip(v, -INT32_MAX, INT32_MAX).astype(np.int64)
+    h = 0 if qw is None else MAX_ABS[in_dtype] * np.abs(
+        np.asarray(qw).astype(np.int64).reshape(len(qw), -1)).sum(axis=1)
+    lim = INT32_MAX - h
+    return np.clip(v, -lim, lim).astype(np.int64)
 
 
 def _bias_q_dynamic(b, inv_x, inv_w):
@@ -341,17 +376,21 @@ def onednn_dense_ref(qx, qw, vnni=True):
 
 
 # -- epilogue -----------------------------------------------------------------------------
-def requantize(acc, m, dtype, relu=False, residual=None):
+def requantize(acc, m, dtype, relu=False, residual=None, fused=True):
     """``saturate(round_half_even(relu(f32(f32(acc) * m) [+ q_r * m_r])))``.
 
     ``residual`` is ``(q_r, m_r)``, added to the float32 product with one rounding (float64
-    is exact for it: an 8-bit integer times a float32).
+    is exact for it: an 8-bit integer times a float32), as a layer's fused residual is;
+    ``fused=False`` rounds ``q_r * m_r`` to float32 first and adds in float32 (the
+    requantize of an int8 add or concat).
     """
     y = (np.asarray(acc).astype(np.float32) * np.asarray(m, np.float32)).astype(np.float32)
     if residual is not None:
         q_r, m_r = residual
-        y = (y.astype(np.float64) + np.asarray(q_r).astype(np.float64) *
-             np.float64(_f32(m_r))).astype(np.float32)
+        t = np.asarray(q_r).astype(np.float64) * np.float64(_f32(m_r))
+        if not fused:
+            t = t.astype(np.float32)
+        y = (y.astype(np.float64) + t.astype(np.float64)).astype(np.float32)
     if relu:
         y = np.maximum(y, _f32(0))
     a, b = BOUNDS[dtype]
@@ -412,7 +451,7 @@ def layer(kind, w, b, x, in_dtype='auto', in_range=None, out_dtype='float32', ou
     inv_w = _weight_inv(s_w)
     if b is not None:
         if static:
-            qb = bias_q(b, _f32(np.float64(m_in) / Q[dt_in]), s_w)
+            qb = bias_q(b, _f32(np.float64(m_in) / Q[dt_in]), s_w, qw, dt_in)
         else:
             qb = _bias_q_dynamic(b, inv_x, _per_channel(inv_w, units, (-1,)))
         acc = acc + _per_channel(qb, units, shape)

@@ -300,7 +300,9 @@ class QuantizedLayer(QuantizedBlock):
             b = np.zeros(self._units, np.float32) if bias is None else \
                 (bias.asnumpy() if hasattr(bias, 'asnumpy') else np.asarray(bias, np.float32))
             if self.is_static:
-                b = quant.quantize_bias(b, self._in_q.scale, scale)
+                headroom = quant.QRANGE_MAX_ABS[self._in_dtype] * np.abs(
+                    q.reshape(len(q), -1).astype(np.int64)).sum(axis=1)
+                b = quant.quantize_bias(b, self._in_q.scale, scale, headroom)
             self._set(self.bias, b)
         self._finish_shapes()
 

@@ -47,10 +47,11 @@ class _QuantizedConv(QuantizedLayer):
                                      + tuple(kernel_size))
 
     def _chunks(self, cin_per_group):
-        """Input-channel ranges whose integer partial sums stay below 2**24 (exact in float32)."""
+        """Ranges of the input channels of a group whose integer partial sums stay below
+        2**24 (exact in float32); a chunk takes the same channels of every group."""
         taps = int(np.prod(self._kwargs['kernel']))
         per_chan = taps * quant.QRANGE_MAX_ABS[self._in_dtype] * 127
-        if self._kwargs['num_group'] != 1 or cin_per_group * per_chan < 2 ** 24:
+        if cin_per_group * per_chan < 2 ** 24:
             return [(0, cin_per_group)]
         step = max(1, (2 ** 24 - 1) // per_chan)
         return [(c, min(c + step, cin_per_group)) for c in range(0, cin_per_group, step)]
@@ -61,11 +62,14 @@ class _QuantizedConv(QuantizedLayer):
         wf = F.cast(params['weight'], 'float32')
         kw = dict(self._kwargs, no_bias=True)
         acc = None
-        for c0, c1 in self._chunks(self.weight.shape[1]):
-            if c0 == 0 and c1 == self.weight.shape[1]:
+        cg, groups = self.weight.shape[1], self._kwargs['num_group']
+        for c0, c1 in self._chunks(cg):
+            if c0 == 0 and c1 == cg:
                 part = F.Convolution(xf, wf, **kw)
-            else:
-                part = F.Convolution(F.slice_axis(xf, axis=1, begin=c0, end=c1),
+            else:                                   # channels c0:c1 of every group
+                xs = [F.slice_axis(xf, axis=1, begin=g * cg + c0, end=g * cg + c1)
+                      for g in range(groups)]
+                part = F.Convolution(xs[0] if groups == 1 else F.concat(*xs, dim=1),
                                      F.slice_axis(wf, axis=1, begin=c0, end=c1), **kw)
             part = F.cast(part, 'int32')        # exact: an integer below 2**24
             acc = part if acc is None else F.broadcast_add(acc, part)
