@@ -293,6 +293,10 @@ def _tensor_image(q2d):
 _INT8_EXACT = None
 _NO_VNNI = ("this CPU has no VNNI: oneDNN's int8 kernels saturate pairs of u8*s8 products at "
             'int16 (see int8_kernels_exact)')
+_NO_INT8_MATMUL = ("MXNet 1.9.1 has no int8 product of two tensors (its only ones, "
+                   '_sg_mkldnn_selfatt_qk/valatt, take one interleaved q/k/v tensor from '
+                   "subgraph partitioning): gluonq's exact chain, float32 products of the "
+                   'integers in chunks below 2**24')
 
 
 def int8_kernels_exact():
@@ -601,6 +605,10 @@ class _Lowerer:
                 self.lower_passthrough(step, block, 'flatten')
             elif kind == 'QuantizedActivation':
                 self.lower_passthrough(step, block, 'relu')
+            elif kind == 'QuantizedShapeOp':
+                self.lower_passthrough(step, block, 'shape')
+            elif kind == 'QuantizedMatMul':
+                self.lower_reference(step, block, 'reference', _NO_INT8_MATMUL)
             elif kind == 'QuantizedConcat':
                 self.lower_concat(step, block)
             elif kind == 'QuantizedAdd':
@@ -719,6 +727,8 @@ class _Lowerer:
             r = mx.sym.contrib.quantized_pooling(x.data, lo, hi, name=name, **block._kwargs)
         elif kind == 'flatten':
             r = mx.sym.contrib.quantized_flatten(x.data, lo, hi, name=name)
+        elif kind == 'shape':
+            r = (block.apply(mx.sym, x.data), lo, hi)
         else:
             r = mx.sym.contrib.quantized_act(x.data, lo, hi, act_type='relu', name=name)
         self.set_out(step, x.like(step['outputs'][0], r[0], (r[1], r[2])))

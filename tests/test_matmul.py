@@ -229,3 +229,70 @@ def test_seed_attention_scores_requantize_dequantize():
         10 * np.log10((exact ** 2).sum() / ((deq - exact) ** 2).sum())))
     block.hybridize()
     np.testing.assert_array_equal(_as_numpy(block(mx.nd.array(a), mx.nd.array(b)))[0], got)
+
+
+# -- the converter on attention ------------------------------------------------------------
+class _Attention(mx.gluon.HybridBlock):
+    """``Dense(flatten=False) -> batch_dot(q, k^T) / sqrt(d) -> softmax -> batch_dot(., v)
+    -> Dense``, with ``heads`` heads split by reshape/transpose (one head: none)."""
+
+    def __init__(self, d=16, seq=12, heads=1, **kwargs):
+        super().__init__(**kwargs)
+        self._d, self._heads = d, heads
+        with self.name_scope():
+            self.proj = mx.gluon.nn.Dense(d, flatten=False, in_units=8)
+            self.out = mx.gluon.nn.Dense(10, in_units=seq * d)
+
+    def hybrid_forward(self, F, x):
+        h = self.proj(x)
+        if self._heads > 1:            # (n, s, d) -> (n * heads, s, d / heads)
+            h = F.reshape(F.transpose(F.reshape(h, (0, 0, self._heads, -1)), (0, 2, 1, 3)),
+                          (-3, 0, 0))
+        s = F.batch_dot(h, h, transpose_b=True) / float(np.sqrt(self._d // self._heads))
+        y = F.batch_dot(F.softmax(s, axis=-1), h)
+        if self._heads > 1:
+            y = F.reshape(F.transpose(F.reshape(y, (-4, -1, self._heads, 0, 0)), (0, 2, 1, 3)),
+                          (0, 0, -1))
+        return self.out(y)
+
+
+def _sqnr(ref, got):
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    return 10 * np.log10((ref ** 2).sum() / ((ref - got) ** 2).sum())
+
+
+@pytest.mark.parametrize('heads', [1, 2])
+def test_attention_converts_with_int8_matmuls(heads):
+    import gluonq
+    rng = np.random.RandomState(3)
+    net = _Attention(heads=heads)
+    net.initialize(mx.init.Xavier())
+    x = rng.normal(0, 1, (64, 12, 8)).astype(np.float32)
+    ref = net(mx.nd.array(x)).asnumpy()
+    qnet = gluonq.quantize_net(net, x[:32], progress=False)
+    kinds = {r['node']: r['kind'] for r in qnet.report}
+    dots = [r for r in qnet.report if r['op'] == 'batch_dot']
+    assert len(dots) == 2 and all(r['kind'].startswith('int8 matmul') for r in dots), kinds
+    assert dots[0]['kind'] == 'int8 matmul * %g -> float32' % (1 / np.sqrt(16 // heads))
+    assert dots[1]['kind'] == 'int8 matmul -> int8'
+    assert [r['kind'] for r in qnet.report if r['op'] == '_div_scalar'] == \
+        ['fused into %s' % dots[0]['step']]
+    shape_ops = [r['kind'] for r in qnet.report if r['op'] in ('Reshape', 'transpose')]
+    assert shape_ops == ['int8 shape -> int8'] * (6 if heads > 1 else 0)
+    assert [r['kind'] for r in qnet.report if r['op'] == 'softmax'] == ['float']
+    eager = qnet(mx.nd.array(x)).asnumpy()
+    # measured 32.4 dB (1 head) and 31.8 dB (2 heads) here, 32.3-34.4 dB over data seeds
+    # 3-6: a 6 dB margin
+    assert _sqnr(ref, eager) > 26
+    qnet.hybridize(fast=False)
+    np.testing.assert_array_equal(qnet(mx.nd.array(x)).asnumpy(), eager)
+    qnet.hybridize(exact=True)
+    fast = qnet(mx.nd.array(x)).asnumpy()
+    np.testing.assert_allclose(fast, eager, rtol=0, atol=1e-5 * np.abs(eager).max())
+    lowering = {r['step']: r for r in qnet.lowered.report}
+    for r in dots:
+        assert lowering[r['step']]['lowering'] == 'reference'
+        assert 'no int8 product of two tensors' in lowering[r['step']]['reason']
+    for r in qnet.report:
+        if r['op'] in ('Reshape', 'transpose'):
+            assert lowering[r['step']]['lowering'] == 'mxnet-op'

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import fnmatch
 
+from ..nn.matmul import MATMUL_OPS
+from ..nn.shape_ops import SHAPE_OPS
 from .graph import parse_tuple
 
 __all__ = ['Unit', 'make_plan', 'ADD_OPS']
 
 ADD_OPS = ('elemwise_add', '_Plus', '_plus', '_add', 'broadcast_add')
 LAYER_OPS = ('Convolution', 'FullyConnected')
-PASS_KINDS = ('add', 'concat', 'pool', 'flatten', 'relu')
+PASS_KINDS = ('add', 'concat', 'pool', 'flatten', 'relu', 'shape')
+#: scalar ops a matrix product absorbs into its requantize (or float output) scale
+MATMUL_SCALE_OPS = ('_mul_scalar', '_div_scalar')
 
 
 class Unit:
@@ -32,6 +36,7 @@ class Unit:
         self.reason = reason              # why a unit is float
         self.out_q = False                # output stays int8
         self.in_q = []                    # per input: consumed as int8
+        self.alpha = 1.0                  # matmul: factor of a fused scalar * or /
 
     @property
     def is_int8(self):
@@ -45,6 +50,8 @@ class Unit:
             parts.append('+ residual add')
         if self.act is not None:
             parts.append('+ relu' if self.act == 'relu' else '+ clip(0, %g)' % self.act[1])
+        if self.alpha != 1.0:
+            parts.append('* %g' % self.alpha)
         parts.append('-> int8' if self.out_q else '-> float32')
         return ' '.join(parts)
 
@@ -98,6 +105,25 @@ def _layer_problem(graph, node):
             return 'only 1-d, 2-d and 3-d convolutions are quantized'
         if layout not in ('None', None) and not layout.startswith('NC'):
             return 'layout %s (only channel-first layouts are quantized)' % layout
+    return None
+
+
+def _matmul_problem(graph, node):
+    """Why a batch_dot / dot / linalg_gemm2 node is not an int8 matrix product (None if it
+    is one)."""
+    if len(node.inputs) != 2:
+        return '%s with %d inputs' % (node.op, len(node.inputs))
+    sa, sb = (graph.shape(e) for e in node.inputs)
+    if sa is None or sb is None:
+        return 'operand shapes unknown'
+    if node.op == 'dot' and (len(sa) != 2 or len(sb) != 2):
+        return 'dot of %d-d and %d-d operands (only a 2-d dot is a matrix product)' % (
+            len(sa), len(sb))
+    if len(sa) != len(sb) or len(sa) < 2 or tuple(sa[:-2]) != tuple(sb[:-2]):
+        return 'operands of shapes %s and %s: an int8 matrix product needs equal leading ' \
+               'axes' % (tuple(sa), tuple(sb))
+    if node.op.endswith('linalg_gemm2') and int(node.attr('axis', '-2')) != -2:
+        return 'linalg_gemm2 with axis=%s (only the last two axes)' % node.attr('axis')
     return None
 
 
@@ -175,6 +201,23 @@ def make_plan(graph, exclude=()):
             problem = _pool_problem(graph, node)
             units.append(Unit('float', node, data_inputs, problem) if problem else
                          Unit('pool', node, data_inputs))
+        elif node.op in MATMUL_OPS:
+            problem = _matmul_problem(graph, node)
+            if problem:
+                units.append(Unit('float', node, data_inputs, problem))
+                continue
+            unit = Unit('matmul', node, data_inputs)
+            nxt = sole_user(unit.output)
+            if nxt is not None and nxt.op in MATMUL_SCALE_OPS and \
+                    0 < abs(float(nxt.attr('scalar'))) < float('inf'):
+                c = float(nxt.attr('scalar'))
+                unit.alpha = c if nxt.op == '_mul_scalar' else 1.0 / c
+                unit.fused.append(nxt)
+                absorbed.add(nxt.name)
+                unit.output = (nxt.name, 0)
+            units.append(unit)
+        elif node.op in SHAPE_OPS:
+            units.append(Unit('shape', node, data_inputs))
         elif node.op in ('Flatten', 'flatten'):
             units.append(Unit('flatten', node, data_inputs))
         elif _relu_like(node) == 'relu':
@@ -211,7 +254,7 @@ def _decide_int8_tensors(graph, units):
     for u in kept:
         # pooling/flatten/relu/concat always produce int8 (then dequantized if needed)
         u.out_q = u.is_int8 and (u.output in readers or u.kind in ('pool', 'flatten', 'relu',
-                                                                     'concat'))
+                                                                     'concat', 'shape'))
         result.append(u)
         if u.kind in ('conv', 'dense') and isinstance(u.act, tuple) and not u.out_q:
             clip = u.fused.pop()        # a float-output layer cannot absorb a clip

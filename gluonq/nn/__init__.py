@@ -14,3 +14,4 @@ from .matmul import QuantizedMatMul
 from .merge import QuantizedAdd, QuantizedConcat
 from .pooling import (QuantizedAvgPool2D, QuantizedGlobalAvgPool2D, QuantizedGlobalMaxPool2D,
                       QuantizedMaxPool2D, QuantizedPooling)
+from .shape_ops import QuantizedShapeOp
