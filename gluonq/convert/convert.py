@@ -5,6 +5,7 @@ calibration data -> quantization parameters -> build the QuantizedNet from gluon
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -12,12 +13,12 @@ import mxnet as mx
 import numpy as np
 
 from .. import __version__, quant
-from ..calibration.collect import as_batches, collect
+from ..calibration.collect import CalibrationDataError, as_batches, collect
 from ..calibration.observers import make_observer
 from .fold import conv_geometry, prepare
 from .graph import edge_key, parse_tuple, trace
 from .plan import make_plan
-from .qnet import QuantizedNet
+from .qnet import QuantizedNet, mx_reason
 
 __all__ = ['quantize_net', 'trace_and_fold']
 
@@ -35,8 +36,54 @@ def _step_name(node_name, used):
     return name
 
 
+def input_shape_error(net, input_shape, input_name='data'):
+    """None if ``net`` takes an input of ``input_shape``, else a sentence naming the layer
+    that rejects it, MXNet's reason and, where the first layer tells, the expected shape."""
+    data = mx.sym.var(input_name)
+    out = net(data)
+    out = mx.sym.Group(list(out)) if isinstance(out, (list, tuple)) else out
+    args = set(out.list_arguments()) | set(out.list_auxiliary_states())
+    shapes = {p.name: p.shape for p in net.collect_params().values()   # unused ones left out
+              if p.name in args and p.shape and all(s > 0 for s in p.shape)}
+    try:
+        out.infer_shape_partial(**{input_name: tuple(input_shape)}, **shapes)
+        return None
+    except mx.base.MXNetError as err:
+        layer, reason = mx_reason(err)
+    msg = 'input %r of shape %s does not fit the network: layer %s rejects it (%s)' % (
+        input_name, tuple(input_shape), layer, reason)
+    expected = _expected_input(out, input_name, shapes)
+    return msg + ('; its first layer takes %s' % expected if expected else '')
+
+
+def _expected_input(sym, input_name, shapes):
+    """What the first layer reading ``input_name`` takes, e.g. '(N, 3, H, W) inputs'."""
+    nodes = json.loads(sym.tojson())['nodes']
+    data_id = next(i for i, n in enumerate(nodes) if n['name'] == input_name)
+    for n in nodes:
+        if n['op'] not in ('Convolution', 'FullyConnected') or not n['inputs'] or \
+                n['inputs'][0][0] != data_id or len(n['inputs']) < 2:
+            continue
+        w = shapes.get(nodes[n['inputs'][1][0]]['name'])
+        if w is None:
+            return None
+        if n['op'] == 'FullyConnected':
+            return 'inputs of %d features per example (%s)' % (w[1], n['name'])
+        nd = len(parse_tuple(n['attrs']['kernel'], ()))
+        cin = w[1] * int(n['attrs'].get('num_group', 1))
+        return '(N, %d, %s) inputs (%s)' % (cin, ', '.join('DHW'[3 - nd:]), n['name'])
+    return None
+
+
 def trace_and_fold(net, input_shape):
-    """The folded float graph of ``net`` for inputs of ``input_shape``."""
+    """The folded float graph of ``net`` for inputs of ``input_shape``.
+
+    Raises ValueError naming the layer that rejects inputs of that shape.
+    """
+    if isinstance(net, mx.gluon.HybridBlock):
+        err = input_shape_error(net, input_shape)
+        if err:
+            raise ValueError(err)
     graph = trace(net, [tuple(input_shape)])
     prepare(graph)
     graph.infer_shapes({graph.inputs[0]: tuple(input_shape)})
@@ -53,7 +100,8 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
     net : HybridBlock
         The trained float network (gluoncv model, hand-written HybridBlock, SymbolBlock).
     calib_data : DataLoader, iterable of arrays or (data, label) tuples, or numpy array
-        Real inputs for calibration.
+        Real inputs for calibration, preprocessed as in training (integer data, such as
+        uint8 0-255 images, is calibrated as it is, with a warning).
     calib_mode : {'naive', 'percentile', 'entropy', 'mse', 'moving_average'} or Observer class
         How activation ranges are chosen (see :mod:`gluonq.calibration.observers`).
     num_calib_batches, num_calib_examples : int, optional
@@ -71,11 +119,24 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
     -------
     QuantizedNet
         A HybridBlock built from gluonq's int8 blocks; ``.report`` says what each op became.
+
+    Raises
+    ------
+    CalibrationDataError
+        Empty or non-finite calibration data, or batches of a shape the network does not
+        take (naming the batch, or the layer that rejects the shape and what it expects).
+    ValueError
+        A setting that does not fit the network (``exclude`` matching no layer, ...).
     """
     if act_dtype not in ('auto', 'int8', 'uint8'):
         raise ValueError("act_dtype must be 'auto', 'int8' or 'uint8', got %r" % (act_dtype,))
     exclude = list(exclude or [])
     batches = as_batches(calib_data, num_calib_batches, num_calib_examples, batch_size)
+    if isinstance(net, mx.gluon.HybridBlock):
+        err = input_shape_error(net, (1,) + batches[0].shape[1:])
+        if err:
+            raise CalibrationDataError('calibration batches of shape %s: %s'
+                                       % (batches[0].shape, err))
     graph = trace_and_fold(net, (1,) + batches[0].shape[1:])
     units = make_plan(graph, exclude)
     if exclude:

@@ -8,9 +8,11 @@ and its ``.params`` without the float model or calibration data (``gluonq.load_q
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import mxnet as mx
+import numpy as np
 from mxnet.gluon import HybridBlock
 
 from .. import nn as qnn
@@ -23,6 +25,17 @@ BLOCKS = {cls.__name__: cls for cls in (
     qnn.QuantizedAdd, qnn.QuantizedConcat, qnn.QuantizedPooling, qnn.QuantizedFlatten,
     qnn.QuantizedActivation, qnn.QuantizedMatMul, qnn.QuantizedShapeOp, qnn.Quantize,
     qnn.Dequantize)}
+
+
+def mx_reason(err):
+    """``(operator, reason)`` of an MXNetError: the innermost operator and its check."""
+    text = str(err)
+    at = text.rfind('Error in operator ')
+    if at < 0:
+        return '?', text.strip().splitlines()[0]
+    op, _, reason = text[at + len('Error in operator '):].partition(':')
+    reason = re.sub(r'^\s*\[[^\]]*\] \S+:\d+:\s*', '', reason)   # [time] file.cc:123:
+    return op, (reason.strip().splitlines() or ['?'])[0]
 
 
 def _find_op(F, op):
@@ -87,6 +100,22 @@ class QuantizedNet(HybridBlock):
     Build it with :func:`gluonq.quantize_net` or :func:`gluonq.load_quantized`.
     ``report`` lists each float op and what it became (and why a layer stayed float).
 
+    Parameters
+    ----------
+    spec : dict
+        The network as plain data (:attr:`spec`).
+    check_finite : bool, default False
+        Also settable as the attribute ``qnet.check_finite``. int8 has no NaN or Inf: a
+        NaN input value quantizes to an ordinary integer (127 in int8, 0 in uint8) and an
+        Inf one saturates, so the outputs stay finite where the float network's are NaN
+        (unless its ReLU, as MXNet's ``Activation`` does, maps NaN to 0). With ``True``
+        every call on NDArrays first checks its inputs and raises ValueError naming the
+        input and the examples that hold NaN or Inf (one reduction and one sync per call).
+        The default leaves such inputs unchecked. Symbolic calls (exports) are not checked.
+
+    An input whose shape the network cannot take raises ValueError naming the input, the
+    shape the network was converted for and the layer that rejects it.
+
     Inputs:
         - the float network's inputs (float32).
 
@@ -94,8 +123,9 @@ class QuantizedNet(HybridBlock):
         - the float network's outputs (float32).
     """
 
-    def __init__(self, spec, **kwargs):
+    def __init__(self, spec, check_finite=False, **kwargs):
         super().__init__(**kwargs)
+        self.check_finite = bool(check_finite)
         self._spec = copy.deepcopy(spec)
         self._steps = []
         with self.name_scope():
@@ -144,10 +174,41 @@ class QuantizedNet(HybridBlock):
         super().hybridize(active and not fast, **kwargs)
 
     def forward(self, x, *args):
+        if not isinstance(x, mx.nd.NDArray):
+            return super().forward(x, *args)
+        if self.check_finite:
+            self._check_finite((x,) + args)
         fast = getattr(self, '_fast', None)
-        if fast is not None and fast.on and isinstance(x, mx.nd.NDArray):
-            return self.fast_block()(x, *args)
-        return super().forward(x, *args)
+        try:
+            if fast is not None and fast.on:
+                return self.fast_block()(x, *args)
+            return super().forward(x, *args)
+        except mx.base.MXNetError as err:
+            shape_err = self._shape_error((x,) + args, err)
+            if shape_err is None:
+                raise
+            raise shape_err from None
+
+    def _check_finite(self, inputs):
+        for name, a in zip(self._spec['inputs'], inputs):
+            if mx.nd.contrib.isfinite(a).min().asscalar() < 1:
+                bad = ~np.isfinite(a.asnumpy().reshape(a.shape[0], -1)).all(1)
+                raise ValueError('QuantizedNet input %r holds NaN or Inf in example(s) %s of '
+                                 '%d; int8 cannot represent them (check_finite=True)'
+                                 % (name, np.flatnonzero(bad)[:10].tolist(), a.shape[0]))
+
+    def _shape_error(self, inputs, err):
+        """ValueError for an MXNet error caused by an input of another shape than the
+        network was converted for (None when the shapes agree)."""
+        want = self._spec.get('input_shape') or []
+        got = inputs[0].shape
+        if not want or (len(got) == len(want) and tuple(got[1:]) == tuple(want[1:])):
+            return None
+        return ValueError('QuantizedNet input %r has shape %s; the network was converted for '
+                          'inputs of shape %s (any batch size N), and operator %s rejects it '
+                          '(%s)' % ((self._spec['inputs'][0], tuple(got),
+                                     '(N, %s)' % ', '.join(str(d) for d in want[1:]))
+                                    + mx_reason(err)))
 
     @property
     def lowered(self):
