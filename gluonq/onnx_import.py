@@ -34,8 +34,6 @@ Parameters are float32 and named after the ONNX tensors they come from (initiali
 invalid file) raises :class:`ONNXImportError` naming the node, its op type and what was
 expected.
 """
-from __future__ import annotations
-
 import os
 import re
 from typing import NamedTuple
@@ -406,9 +404,8 @@ def _conv_transpose(ctx, node):
     w = ctx.const(node, 1, 'weight')
     b = ctx.const(node, 2, 'bias')
     kernel = _ints(ctx, node, 'kernel_shape', tuple(w.shape[2:]))
-    for unsupported in ('output_shape',):
-        if ctx.attr(node, unsupported) is not None:
-            raise ctx.error(node, 'attribute %s is not supported (give pads)' % unsupported)
+    if ctx.attr(node, 'output_shape') is not None:
+        raise ctx.error(node, 'attribute output_shape is not supported (give pads)')
     if ctx.attr(node, 'auto_pad', 'NOTSET') not in ('NOTSET', ''):
         raise ctx.error(node, 'auto_pad %r is not supported (give pads)'
                         % ctx.attr(node, 'auto_pad'))
@@ -535,7 +532,7 @@ def _binary(ctx, node):
     pos = 1 if a in ctx.syms else 0                  # position of the constant
     x_name = node.input[1 - pos]
     if x_name not in ctx.syms:
-        return ctx.tensor(node, 1 - pos)             # raises: produced by no earlier node
+        ctx.tensor(node, 1 - pos)                    # raises: produced by no earlier node
     c = np.asarray(ctx.const(node, pos, 'operand'), dtype=np.float32)
     layer = _bias_candidate(ctx, node, x_name, c)
     if layer is not None:
