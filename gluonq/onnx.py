@@ -650,6 +650,33 @@ class _Builder:
                   group=c)
         return self.quantize(y, out_key, x.qp)
 
+    def _step_QuantizedMatMul(self, step, block):
+        """DequantizeLinear of each operand -> MatMul (-> Mul by alpha) -> QuantizeLinear or
+        float: the QDQ unit onnxruntime fuses into an int8 matmul. A transposed operand is
+        transposed as integers, before its DequantizeLinear."""
+        self._check_static(step, block)
+        name = step['name']
+        ins = []
+        for key, transposed in zip(step['inputs'], block._transpose):
+            x = self.as_q(key, step)
+            if transposed:
+                nd = len(self.shapes[key])
+                xt = _QT(self.fresh(name + '/transpose'), x.qp, self.act_dtype)
+                self.node('Transpose', [x.name], [xt.name],
+                          perm=list(range(nd - 2)) + [nd - 1, nd - 2])
+                x = xt
+            ins.append(self.dequantize(x))
+        y = self.fresh(name + '/matmul')
+        self.node('MatMul', ins, [y])
+        if block.alpha != 1.0:
+            alpha = self.const(name + '/alpha', np.array(block.alpha, np.float32))
+            y2 = self.fresh(name + '/alpha_mul')
+            self.node('Mul', [y, alpha], [y2])
+            y = y2
+        out_qp, out_key = self._out_qp(block), step['outputs'][0]
+        self.env[out_key] = self.rename(y, out_key) if out_qp is None else \
+            self.quantize(y, out_key, out_qp)
+
     def _step_QuantizedFlatten(self, step, block):
         x = self.as_q(step['inputs'][0], step)
         out_key = step['outputs'][0]

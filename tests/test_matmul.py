@@ -296,3 +296,29 @@ def test_attention_converts_with_int8_matmuls(heads):
     for r in qnet.report:
         if r['op'] in ('Reshape', 'transpose'):
             assert lowering[r['step']]['lowering'] == 'mxnet-op'
+
+
+def test_attention_onnx_runs_int8_in_onnxruntime(tmp_path):
+    """QDQ around MatMul: onnxruntime fuses both products into int8 kernels and agrees with
+    gluonq to within one step of the int8 tensor the last Dense reads."""
+    ort = pytest.importorskip('onnxruntime')
+    import onnx
+    import gluonq
+    from gluonq import onnx as gonnx
+    rng = np.random.RandomState(3)
+    net = _Attention()
+    net.initialize(mx.init.Xavier())
+    x = rng.normal(0, 1, (64, 12, 8)).astype(np.float32)
+    qnet = gluonq.quantize_net(net, x[:32], progress=False)
+    g = qnet(mx.nd.array(x)).asnumpy()
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / 'opt.onnx')
+    sess = ort.InferenceSession(gonnx.to_onnx(qnet).SerializeToString(), so,
+                                providers=['CPUExecutionProvider'])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / 'opt.onnx')).graph.node]
+    assert 'MatMulIntegerToFloat' in ops and 'QLinearMatMul' in ops and 'MatMul' not in ops
+    dot1 = [r['step'] for r in qnet.report if r['op'] == 'batch_dot'][1]
+    s_y = float(qnet._children[dot1]._out_q.scale)
+    bound = s_y * np.abs(net.out.weight.data().asnumpy()).sum(1) * 1.01 + 1e-5 * np.abs(g).max()
+    assert np.all(np.abs(got - g) <= bound)
