@@ -311,9 +311,9 @@ def _build_spec(graph, units, qparams, per_channel, act_dtype):
                            'kind': u.describe() if node is u.node else
                            'fused into %s' % name,
                            'reason': u.reason or ''})
-    for bn, note in graph.notes.items():
-        report.append({'node': bn, 'op': 'BatchNorm' if 'BatchNorm' in note else '',
-                       'step': '', 'kind': 'folded', 'reason': note})
+    for name, note in graph.notes.items():        # every note starts with the op name
+        report.append({'node': name, 'op': note.split(' ', 1)[0], 'step': '',
+                       'kind': 'folded', 'reason': note})
     outputs = [tensor(e, False) for e in graph.outputs]
     spec = {'format': 'gluonq.QuantizedNet', 'format_version': 1,
             'inputs': [graph.inputs[0]], 'input_shape': list(graph.shape((graph.inputs[0], 0))
@@ -387,5 +387,9 @@ def _set_values(qnet, values):
         if hasattr(block, 'set_float_params'):
             block.set_float_params(vals['weight'], vals['bias'])
         else:
+            missing = sorted(set(block._reg_params) - set(vals))
+            if missing:
+                raise ValueError('step %r (%r): no value for its parameters %s'
+                                 % (name, block, missing))
             for local, v in vals.items():
                 block._reg_params[local].set_data(mx.nd.array(v, dtype=np.float32))

@@ -1,15 +1,26 @@
-"""Float graph passes that run before quantization: identity removal and BatchNorm folding.
+"""Float graph passes that run before quantization: identity removal, constant evaluation,
+BatchNorm folding and folding of constant arithmetic into the preceding conv/dense layer.
 
-All arithmetic is float64 and the results are stored as float32, so folding changes the float
-network by rounding only (the tests check it against the unfolded network).
+Imported graphs (ONNX files from PaddlePaddle, TensorFlow, ...) write a layer's bias as
+``broadcast_add(conv_out, constant)``, a scale as ``broadcast_mul`` and reshape their
+constants in the graph: :func:`fold_constants` evaluates ops that read only parameters, and
+:func:`fold_affine` moves a per-output-channel or scalar add/sub/mul/div into the layer, as
+:func:`fold_batchnorm` does for BatchNorm. All folding arithmetic is float64 and the results
+are stored as float32, so folding changes the float network by rounding only (the tests
+check it against the unfolded network). ``graph.notes`` records what each pass did to the
+nodes it removed; every note starts with the op name of the removed node.
 """
 from __future__ import annotations
 
+import json
+
+import mxnet as mx
 import numpy as np
 
 from .graph import Node, parse_tuple
 
-__all__ = ['remove_identities', 'fold_batchnorm', 'batchnorm_to_conv', 'prepare']
+__all__ = ['remove_identities', 'fold_constants', 'fold_batchnorm', 'fold_affine',
+           'constant_operand', 'affine_problem', 'batchnorm_to_conv', 'prepare']
 
 IDENTITY_OPS = ('Dropout', '_copy', 'identity', 'BlockGrad', 'stop_gradient')
 
@@ -20,6 +31,41 @@ def remove_identities(graph):
         if node.op in IDENTITY_OPS and len(node.inputs) >= 1:
             graph.replace_uses((node.name, 0), node.inputs[0])
             graph.notes[node.name] = '%s is the identity at inference: removed' % node.op
+    graph.remove_unused()
+    return graph
+
+
+def _eval_node(node, values):
+    """Outputs (numpy) of one op node on constant input ``values``, computed by MXNet."""
+    k = len(node.inputs)
+    js = {'nodes': [{'op': 'null', 'name': 'c%d' % i, 'inputs': []} for i in range(k)]
+                   + [{'op': node.op, 'name': node.name, 'attrs': dict(node.attrs),
+                       'inputs': [[i, 0, 0] for i in range(k)]}],
+          'arg_nodes': list(range(k)), 'heads': [[k, i, 0] for i in range(len(node.shapes))],
+          'attrs': {'mxnet_version': ['int', 10901]}}
+    sym = mx.sym.load_json(json.dumps(js))
+    outs = sym.eval(ctx=mx.cpu(), **{'c%d' % i: mx.nd.array(v, dtype=v.dtype)
+                                     for i, v in enumerate(values)})
+    return [o.asnumpy() for o in outs]
+
+
+def fold_constants(graph):
+    """Evaluate every op whose inputs are all parameters (a reshaped, transposed, broadcast or
+    scaled constant) once, in float32 as the network computes it, and make its outputs
+    parameters. Random ops are left alone."""
+    for node in graph.op_nodes():
+        if not all(src in graph.params for src, _ in node.inputs) or node.shapes is None or \
+                'random' in node.op or 'sample' in node.op:
+            continue
+        outs = _eval_node(node, [graph.params[src] for src, _ in node.inputs])
+        del graph.nodes[node.name]
+        if len(outs) == 1:                       # the constant keeps the op's name
+            graph.add_param(node.name, outs[0])
+        else:
+            for i, v in enumerate(outs):
+                name = graph.add_param(_fresh(graph, '%s_out%d' % (node.name, i)), v)
+                graph.replace_uses((node.name, i), (name, 0))
+        graph.notes[node.name] = '%s of constants evaluated once at conversion' % node.op
     graph.remove_unused()
     return graph
 
@@ -41,11 +87,11 @@ def _is_foldable_bn(graph, bn):
     return all(bn.inputs[i][0] in graph.params for i in range(1, 5))
 
 
-def _channel_axis_ok(graph, producer, bn):
+def _channel_axis_ok(producer, axis):
+    """Whether ``axis`` is the output-channel axis of a Convolution/FullyConnected node."""
     out_shape = producer.shapes[0] if producer.shapes else None
     if out_shape is None:
         return False
-    axis = int(bn.attr('axis', '1'))
     axis = axis % len(out_shape)
     if producer.op == 'Convolution':
         layout = producer.attr('layout', 'None')
@@ -67,7 +113,7 @@ def fold_batchnorm(graph):
         if len(users[src]) != 1 or (src, 0) in graph.outputs:
             continue
         wname = graph.param_of(producer, 1)
-        if wname is None or len(users[wname]) != 1 or not _channel_axis_ok(graph, producer, bn):
+        if wname is None or len(users[wname]) != 1 or not _channel_axis_ok(producer, int(bn.attr('axis', '1'))):
             continue
         alpha, shift = _bn_alpha_beta(graph, bn)
         w = graph.params[wname].astype(np.float64)
@@ -89,6 +135,139 @@ def fold_batchnorm(graph):
         users = graph.consumers()
     graph.remove_unused()
     return graph
+
+
+#: arithmetic ops with two tensor operands -> what they compute
+BINARY_ARITH = {'broadcast_add': 'add', 'elemwise_add': 'add', 'broadcast_sub': 'sub',
+                'elemwise_sub': 'sub', 'broadcast_mul': 'mul', 'elemwise_mul': 'mul',
+                'broadcast_div': 'div', 'elemwise_div': 'div'}
+#: arithmetic ops with a scalar attribute -> what they compute (``rsub``: scalar - x,
+#: ``rdiv``: scalar / x)
+SCALAR_ARITH = {'_plus_scalar': 'add', '_minus_scalar': 'sub', '_rminus_scalar': 'rsub',
+                '_mul_scalar': 'mul', '_div_scalar': 'div', '_rdiv_scalar': 'rdiv'}
+
+
+def constant_operand(graph, node):
+    """``(kind, data_edge, constant, constant_first)`` of an add/sub/mul/div of a tensor
+    and a constant (a parameter or a scalar attribute), else None. ``kind`` is add, sub,
+    mul, div, and ``constant_first`` says the constant is the left operand (``c - x``)."""
+    if node.op in SCALAR_ARITH and len(node.inputs) == 1:
+        kind = SCALAR_ARITH[node.op]
+        c = np.float64(np.float32(node.attr('scalar')))   # MXNet applies it in float32
+        if kind in ('rsub', 'rdiv'):
+            return kind[1:], node.inputs[0], c, True
+        return kind, node.inputs[0], c, False
+    if node.op in BINARY_ARITH and len(node.inputs) == 2:
+        consts = [e[0] in graph.params for e in node.inputs]
+        if consts.count(True) != 1:
+            return None
+        k = consts.index(True)
+        return (BINARY_ARITH[node.op], node.inputs[1 - k],
+                graph.params[node.inputs[k][0]].astype(np.float64), k == 0)
+    return None
+
+
+def _per_channel(c, out_shape, axis):
+    """``c`` as one value per channel (or a scalar) of ``out_shape``'s axis ``axis``, or a
+    reason it is not."""
+    c = np.asarray(c)
+    if c.ndim > len(out_shape):
+        return None, 'a constant of shape %s has more axes than the output %s' % (
+            c.shape, out_shape)
+    full = (1,) * (len(out_shape) - c.ndim) + c.shape
+    try:
+        if np.broadcast_shapes(full, out_shape) != tuple(out_shape):
+            raise ValueError
+    except ValueError:
+        return None, 'a constant of shape %s broadcasts the output %s to a larger shape' % (
+            c.shape, out_shape)
+    if any(d != 1 for i, d in enumerate(full) if i != axis):
+        return None, ('a constant of shape %s varies along other axes than the output '
+                      'channels (axis %d of %s)' % (c.shape, axis, tuple(out_shape)))
+    return c.reshape(full[axis]), None
+
+
+def _channel_axis(layer):
+    """Output-channel axis of a conv (1) or dense layer (the last)."""
+    return 1 if layer.op == 'Convolution' else len(layer.shapes[0]) - 1
+
+
+def affine_problem(graph, node, users=None):
+    """Why the constant arithmetic ``node`` cannot fold into the conv/dense layer before it
+    (None if it can, or if ``node`` is no such arithmetic)."""
+    found = constant_operand(graph, node)
+    if found is None:
+        return None
+    kind, (src, idx), c, const_first = found
+    producer = graph.nodes[src]
+    what = '%s with a constant' % node.op
+    if producer.op not in ('Convolution', 'FullyConnected') or idx != 0:
+        return '%s after %s (%s), not after a conv/dense layer it could fold into' % (
+            what, producer.name, producer.op)
+    users = graph.consumers() if users is None else users
+    if len(users[src]) != 1 or (src, 0) in graph.outputs:
+        return "%s after %s, whose output has other readers: cannot fold" % (what, src)
+    wname = graph.param_of(producer, 1)
+    if wname is None or len(users[wname]) != 1:
+        return '%s after %s, whose weight is not its own parameter' % (what, src)
+    bname = None if producer.bool_attr('no_bias', False) else graph.param_of(producer, 2)
+    if not producer.bool_attr('no_bias', False) and (bname is None or
+                                                     len(users[bname]) != 1):
+        return '%s after %s, whose bias is not its own parameter' % (what, src)
+    axis = _channel_axis(producer)
+    if not _channel_axis_ok(producer, axis):
+        return '%s after %s, whose layout is not channel-first' % (what, src)
+    _, why = _per_channel(c, producer.shapes[0], axis)
+    if why:
+        return '%s after %s: %s' % (what, src, why)
+    if kind == 'div' and const_first:
+        return '%s after %s divides a constant by the output (not affine)' % (what, src)
+    if kind == 'div' and np.any(c == 0):
+        return '%s after %s divides by zero' % (what, src)
+    return None
+
+
+def fold_affine(graph):
+    """Fold a per-output-channel or scalar add/sub/mul/div with a constant that directly
+    follows a Convolution or FullyConnected (whose output nothing else reads) into that
+    layer's weight and bias: ``w' = a w``, ``b' = a b + t`` for ``y = a x + t``."""
+    changed = False
+    users = graph.consumers()
+    for node in graph.op_nodes():
+        if constant_operand(graph, node) is None or affine_problem(graph, node, users):
+            continue
+        kind, (src, _), c, const_first = constant_operand(graph, node)
+        producer = graph.nodes[src]
+        axis = _channel_axis(producer)
+        c, _ = _per_channel(c, producer.shapes[0], axis)
+        units = producer.shapes[0][axis]
+        c = np.broadcast_to(c, (units,))
+        alpha = {'add': 1.0, 'sub': -1.0 if const_first else 1.0, 'mul': c,
+                 'div': 1.0 / c}[kind] * np.ones(units)
+        shift = {'add': c, 'sub': c if const_first else -c}.get(kind, np.zeros(units))
+        wname = graph.param_of(producer, 1)
+        if np.any(alpha != 1.0):
+            w = graph.params[wname].astype(np.float64)
+            graph.params[wname] = (w * alpha.reshape((-1,) + (1,) * (w.ndim - 1))).astype(
+                np.float32)
+        if producer.bool_attr('no_bias', False):
+            bname = graph.add_param(_fresh(graph, producer.name + '_folded_bias'),
+                                    shift.astype(np.float32))
+            producer.inputs.append((bname, 0))
+            producer.attrs['no_bias'] = 'False'
+        else:
+            bname = graph.param_of(producer, 2)
+            b = graph.params[bname].astype(np.float64)
+            graph.params[bname] = (b * alpha + shift).astype(np.float32)
+        graph.replace_uses((node.name, 0), (producer.name, 0))
+        del graph.nodes[node.name]
+        graph.notes[node.name] = '%s with a constant folded into the %s of %s' % (
+            node.op, 'bias' if kind in ('add', 'sub') and not const_first else
+            'weight and bias', producer.name)
+        users = graph.consumers()
+        changed = True
+    graph.remove_unused()
+    return changed
 
 
 def batchnorm_to_conv(graph):
@@ -127,9 +306,15 @@ def _fresh(graph, name):
 
 
 def prepare(graph):
-    """The float passes in order: identities out, BN folded, lone BNs as depthwise convs."""
+    """The float passes in order: identities out, constants evaluated, BatchNorms and
+    constant arithmetic folded into the layers before them (until nothing changes: conv ->
+    mul -> add -> BatchNorm folds whole), lone BNs as depthwise convs."""
     remove_identities(graph)
-    fold_batchnorm(graph)
+    fold_constants(graph)
+    while True:
+        fold_batchnorm(graph)
+        if not fold_affine(graph):
+            break
     batchnorm_to_conv(graph)
     return graph
 

@@ -17,7 +17,7 @@ from mxnet.gluon import HybridBlock
 
 from .. import nn as qnn
 
-__all__ = ['QuantizedNet', 'FloatOp', 'BLOCKS']
+__all__ = ['QuantizedNet', 'FloatOp', 'BLOCKS', 'check_spec']
 
 #: block classes a step may name
 BLOCKS = {cls.__name__: cls for cls in (
@@ -46,6 +46,45 @@ def _find_op(F, op):
         if fn is not None:
             return fn
     raise ValueError('MXNet has no operator %r' % op)
+
+
+def check_spec(spec):
+    """Raise ValueError, naming the step and its graph node, unless every step of ``spec``
+    reads only network inputs and tensors earlier steps produce, names a known block, and
+    (for a FloatOp) lists each operator input once, as a data input or a parameter."""
+    known = set(spec.get('inputs', []))
+    if not known:
+        raise ValueError('the network spec has no inputs')
+    for k, step in enumerate(spec.get('steps', [])):
+        where = 'step %d %r (%s%s)' % (k, step.get('name'), step.get('block'),
+                                        ', from node %r' % step['node'] if 'node' in step else '')
+        if step.get('block') != 'FloatOp' and step.get('block') not in BLOCKS:
+            raise ValueError('%s: unknown block; known: FloatOp, %s'
+                             % (where, ', '.join(sorted(BLOCKS))))
+        if not step.get('inputs'):
+            raise ValueError('%s reads no tensor (an op of constants only must be folded '
+                             'into a parameter)' % where)
+        for t in step['inputs']:
+            if t not in known:
+                raise ValueError('%s reads %r, which is neither a network input nor the '
+                                 'output of an earlier step' % (where, t))
+        if step['block'] == 'FloatOp':
+            cfg = step.get('config', {})
+            pos = [int(p[0]) for p in cfg.get('params', [])]
+            n = int(cfg.get('num_inputs', -1))
+            if len(set(pos)) != len(pos) or any(not 0 <= p < n for p in pos) or \
+                    n != len(pos) + len(step['inputs']):
+                raise ValueError('%s: operator %s has %d inputs, but the step lists %d data '
+                                 'inputs and parameters at positions %s'
+                                 % (where, cfg.get('op'), n, len(step['inputs']), pos))
+        for t in step.get('outputs', []):
+            if t in known:
+                raise ValueError('%s writes %r, which an earlier step or input already '
+                                 'holds' % (where, t))
+            known.add(t)
+    for t in spec.get('outputs', []):
+        if t not in known:
+            raise ValueError('network output %r is produced by no step' % t)
 
 
 class FloatOp(HybridBlock):
@@ -125,6 +164,7 @@ class QuantizedNet(HybridBlock):
 
     def __init__(self, spec, check_finite=False, **kwargs):
         super().__init__(**kwargs)
+        check_spec(spec)
         self.check_finite = bool(check_finite)
         self._spec = copy.deepcopy(spec)
         self._steps = []
