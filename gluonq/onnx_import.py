@@ -13,8 +13,11 @@ MXNet symbol for it:
   ``mx2onnx`` table) translates every other node into MXNet ops that gluonq's converter
   knows: ``Conv`` -> ``Convolution`` (its bias included), ``ConvTranspose`` ->
   ``Deconvolution``, ``MatMul``/``Gemm`` with a constant weight -> ``FullyConnected``,
-  ``BatchNormalization`` -> ``BatchNorm``, ``Relu`` -> ``Activation(relu)``, ``Clip`` ->
-  ``clip``, pooling -> ``Pooling``, arithmetic with a scalar constant -> ``_plus_scalar``,
+  ``BatchNormalization`` -> ``BatchNorm``, ``Relu``/``Sigmoid`` -> ``Activation``,
+  ``Clip`` -> ``clip`` (``Clip(0, inf)`` -> ``Activation(relu)``), ``HardSigmoid`` ->
+  ``hard_sigmoid``, ``HardSwish`` -> ``x * hard_sigmoid(x)``, pooling -> ``Pooling``,
+  nearest ``Resize`` by an integer factor -> ``UpSampling``, ``MatMul`` of two tensors ->
+  ``dot``/``batch_dot``, arithmetic with a scalar constant -> ``_plus_scalar``,
   ``_mul_scalar``, ..., with a tensor constant or between tensors -> ``broadcast_*``.
   :data:`SUPPORTED_OPS` lists them.
 * **Biases.** With ``fuse_bias=True`` (default) an ``Add`` of a per-output-channel (or
