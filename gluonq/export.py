@@ -165,17 +165,17 @@ def export_compact(qnet, prefix, overwrite=False):
     return sym_path, params_path
 
 
-def export_fast(qnet, prefix, overwrite=False, exact=False, int8_weights=False):
+def export_fast(qnet, prefix, overwrite=False, exact=False, int8_weights=False, epoch=0):
     """Symbol JSON + .params of the fast path (:func:`gluonq.lower.lower`) for stock MXNet.
 
-    Writes ``prefix-symbol.json`` and ``prefix-0000.params`` (fp32 weight images that
-    oneDNN's fused int8 kernels re-quantize into gluonq's int8 weights); they load with
+    Writes ``prefix-symbol.json`` and ``prefix-%04d.params`` (``epoch``; fp32 weight images
+    that oneDNN's fused int8 kernels re-quantize into gluonq's int8 weights); they load with
     ``mx.gluon.SymbolBlock.imports(json, ['data'], params)`` or ``mx.mod.Module`` without
     gluonq. ``exact`` and ``int8_weights`` (int8 weights on disk, fp32 images computed in
     the graph at every call) are passed to :func:`gluonq.lower.lower`.
     """
     from .lower import lower
-    sym_path, params_path = prefix + '-symbol.json', prefix + '-0000.params'
+    sym_path, params_path = prefix + '-symbol.json', '%s-%04d.params' % (prefix, epoch)
     low = lower(qnet, exact=exact, int8_weights=int8_weights)
     with atomic_outputs([sym_path, params_path], overwrite) as (tmp_sym, tmp_params):
         low.save(tmp_sym, tmp_params)

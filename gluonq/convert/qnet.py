@@ -296,6 +296,21 @@ class QuantizedNet(HybridBlock):
                 setattr(p, meth, wrapped)
             p._gluonq_watched = True
 
+    def export(self, path, epoch=0, overwrite=False):
+        """Write the fast graph for stock MXNet, as Gluon's ``HybridBlock.export`` does.
+
+        Writes ``path-symbol.json`` and ``path-%04d.params`` (``epoch``): the fast export
+        (:func:`gluonq.export_fast`: oneDNN's fused int8 kernels, fp32 images of the int8
+        weights), hybridized or not, before or after a forward. Stock MXNet loads them
+        without gluonq: ``mx.gluon.SymbolBlock.imports(path + '-symbol.json', ['data'],
+        path + '-0000.params')`` or ``mx.mod.Module``. Unlike Gluon, existing files are
+        replaced only with ``overwrite=True``. Returns the two paths.
+        """
+        from ..export import export_fast
+        fast = getattr(self, '_fast', None)
+        return export_fast(self, path, overwrite=overwrite, epoch=epoch,
+                           exact=bool(fast is not None and fast.exact))
+
     def hybrid_forward(self, F, *inputs):
         env = self._run(inputs)
         outs = [env[k] for k in self._spec['outputs']]
