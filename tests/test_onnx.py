@@ -555,11 +555,15 @@ def test_signed_activations_also_exact(tiny, data):
     keys = [s['outputs'][0] for s in tiny.spec['steps']
             if g[s['outputs'][0]].dtype in (np.int8, np.uint8)]
     res, names = _onnx_ints(model, x, keys)
+    total = mism = 0
     for k in keys:
         gd = 'int8' if g[k].dtype == np.int8 else 'uint8'
         assert res[names[k]].dtype == np.int8
-        o = _unshift(res[names[k]], gd, 'int8')
-        assert np.abs(o - g[k].astype(np.int32)).max() <= 1
+        d = np.abs(_unshift(res[names[k]], gd, 'int8') - g[k].astype(np.int32))
+        assert d.max() <= 1, k
+        total += d.size
+        mism += int((d > 0).sum())
+    assert mism <= max(3, 1e-4 * total), (mism, total)      # rounding ties only
 
 
 # ---------------------------------------------------------------------------------------
