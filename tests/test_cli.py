@@ -1,6 +1,7 @@
 """gluonq-convert: inputs, outputs, errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -139,10 +140,12 @@ def test_python_dash_m_entry_point(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize('weights', ['auto', 'int8', 'uint8'])
 def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
     """--onnx writes the QDQ model with the chosen weight type ('auto': the exact one on
-    this CPU). Where onnxruntime computes exactly (uint8 weights, or int8 weights on a CPU
-    with VNNI) its logits match the int8 checkpoint's own (gluonq's reference chain) within
-    the bound the classifier's scales allow for a few rounding-tie differences; the
-    saturating case is test_onnx's."""
+    this CPU). On every CPU its weights are the checkpoint's integers and the file is the one
+    export_onnx writes from the reloaded checkpoint. Where onnxruntime computes exactly (uint8
+    weights, or int8 weights on a CPU with VNNI) its logits match the int8 checkpoint's own
+    (gluonq's reference chain) within the bound the classifier's scales allow for a few
+    rounding-tie differences; the saturating U8S8 arithmetic of CPUs without VNNI is
+    test_onnx's."""
     ort = pytest.importorskip('onnxruntime')
     import gluonq.onnx as gonnx
     out, path = tmp_path / 'q', str(tmp_path / 'q.onnx')
@@ -156,6 +159,20 @@ def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
     model = onnx.load(path)
     assert {t.data_type for t in model.graph.initializer if t.name.endswith('/weight')} == \
         {getattr(onnx.TensorProto, weights.upper())}
+    # on every CPU: the weights are the checkpoint's integers (uint8 ones shifted by the
+    # zero point 128), and the file is the one the API writes from the checkpoint
+    from onnx import numpy_helper
+    layers = 0
+    for t in model.graph.initializer:
+        if t.name.endswith('/weight'):
+            w = qnet._children[t.name[:-len('/weight')]].weight.data().asnumpy()
+            got_w = numpy_helper.to_array(t).astype(np.int16)
+            np.testing.assert_array_equal(got_w - (128 if weights == 'uint8' else 0), w)
+            layers += 1
+    assert layers == 4
+    gluonq.export_onnx(gluonq.load_quantized(str(out)), str(tmp_path / 'api.onnx'),
+                       weight_dtype=weights)
+    assert open(path, 'rb').read() == open(str(tmp_path / 'api.onnx'), 'rb').read()
     sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     got = sess.run(None, {sess.get_inputs()[0].name: xt})[0]
     assert got.shape == ref.shape
@@ -166,3 +183,324 @@ def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
         step = float(fc._in_q.scale) * np.abs(
             w * fc.weight_scale.data().asnumpy()[:, None]).sum(1)
         assert (np.abs(got - ref) <= 3 * step[None] + 1e-4 * np.abs(ref).max()).all()
+
+
+# --- every CliError -------------------------------------------------------------------------
+def _bad_files(d):
+    """Damaged inputs next to the good ones in ``d`` (made once per module)."""
+    if (d / 'garbage.npy').exists():
+        return
+    (d / 'garbage.npy').write_bytes(b'not an array')
+    (d / 'garbage.params').write_bytes(b'not params')
+    np.savez(str(d / 'none.npz'))
+    np.savez(str(d / 'xonly.npz'), x=np.zeros((4, 1, 32, 32), np.float32))
+    np.savez(str(d / 'eval_shape.npz'), x=np.zeros((4, 1, 16, 16), np.float32),
+             y=np.zeros(4, np.float32))
+    np.savez(str(d / 'eval_labels.npz'), x=np.zeros((4, 1, 32, 32), np.float32),
+             y=np.zeros(3, np.float32))
+    mx.nd.save(str(d / 'list.params'), [mx.nd.zeros(3)])
+    mx.nd.save(str(d / 'half.params'), {k: v.astype('float16') for k, v in
+                                        mx.nd.load(str(d / 'tiny.params')).items()})
+    (d / 'bad-symbol.json').write_text('{nope')
+    (d / 'noimgs').mkdir()
+    (d / 'noimgs' / 'readme.txt').write_text('no images here')
+    rec = mx.recordio.MXRecordIO(str(d / 'empty.rec'), 'w')
+    rec.close()
+    import cv2
+    (d / 'sizes').mkdir()
+    for i, size in enumerate([(8, 8), (8, 10)]):
+        cv2.imwrite(str(d / 'sizes' / ('%d.png' % i)), np.zeros(size + (3,), np.uint8))
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.Dense(2, in_units=4))
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.zeros((1, 4)))
+    net.export(str(d / 'lin'))
+
+
+def _with(argv, flag, value):
+    argv = list(argv)
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    return argv
+
+
+def _no_arch(argv):
+    return argv[4:]
+
+
+CLI_ERRORS = [
+    # (id, argv from (good argv, data dir, tmp dir), message pattern)
+    ('import-spec', lambda a, d, t: _with(a, '--factory', 'mnist_models'),
+     r"--factory must look like package.module:name, got 'mnist_models'"),
+    ('import-module', lambda a, d, t: _with(a, '--factory', 'no_such_module:build'),
+     r"--factory: cannot import no_such_module: No module named 'no_such_module'"),
+    ('import-attr', lambda a, d, t: _with(a, '--factory', 'mnist_models:nope'),
+     r"--factory: module mnist_models has no 'nope'"),
+    ('transform-import', lambda a, d, t: a + ['--transform', 'mnist_models:nope'],
+     r"--transform: module mnist_models has no 'nope'"),
+    ('no-architecture', lambda a, d, t: _no_arch(a),
+     r'give exactly one of --model, --factory, --symbol \(got none\)'),
+    ('two-architectures', lambda a, d, t: a + ['--model', 'cifar_resnet20_v1'],
+     r'give exactly one of --model, --factory, --symbol \(got --model, --factory\)'),
+    ('kwargs-json', lambda a, d, t: _with(a, '--model-kwargs', '{name: tiny}'),
+     r'--model-kwargs is not valid JSON: Expecting property name'),
+    ('kwargs-object', lambda a, d, t: _with(a, '--model-kwargs', '["tiny"]'),
+     r'--model-kwargs must be a JSON object \({"name": value}\), got \["tiny"\]'),
+    ('factory-kwargs', lambda a, d, t: _with(a, '--model-kwargs', '{"size": 3}'),
+     r"--factory mnist_models:build does not take --model-kwargs {\"size\": 3}: .*"),
+    ('factory-result', lambda a, d, t: _with(_with(a, '--factory', 'builtins:dict'),
+                                             '--model-kwargs', '{}'),
+     r'--factory builtins:dict returned dict: expected a Gluon HybridBlock'),
+    ('model-name', lambda a, d, t: ['--model', 'no_such_net'] + _no_arch(a),
+     r'--model no_such_net: .*no_such_net'),
+    ('symbol-missing', lambda a, d, t: ['--symbol', str(t / 'x-symbol.json')] + _no_arch(a),
+     r'--symbol file \S+x-symbol.json not found'),
+    ('symbol-corrupt', lambda a, d, t: ['--symbol', str(d / 'bad-symbol.json')] + _no_arch(a),
+     r'--symbol \S+bad-symbol.json is not an MXNet symbol JSON file'),
+    ('symbol-input', lambda a, d, t: ['--symbol', str(d / 'lin-symbol.json'), '--input-name',
+                                      'image'] + _no_arch(a),
+     r"--symbol \S+lin-symbol.json has no input 'image' \(--input-name\); its arguments "
+     r'begin data, dense\d+_weight'),
+    ('params-missing', lambda a, d, t: _with(a, '--params', str(t / 'x.params')),
+     r'--params file \S+x.params not found'),
+    ('params-corrupt', lambda a, d, t: _with(a, '--params', str(d / 'garbage.params')),
+     r'--params \S+garbage.params is not an MXNet .params file'),
+    ('params-unnamed', lambda a, d, t: _with(a, '--params', str(d / 'list.params')),
+     r'--params \S+list.params holds no named parameters'),
+    ('params-float16', lambda a, d, t: _with(a, '--params', str(d / 'half.params')),
+     r'parameter \S+ in \S+half.params is float16: expected a float32 checkpoint'),
+    ('folder-empty', lambda a, d, t: _with(a, '--calib', str(d / 'noimgs')),
+     r'--calib folder \S+noimgs holds no images \(.jpg, .jpeg, .png, .bmp\)'),
+    ('rec-empty', lambda a, d, t: _with(a, '--calib', str(d / 'empty.rec')),
+     r'--calib RecordIO file \S+empty.rec holds no images'),
+    ('image-sizes', lambda a, d, t: _with(a, '--calib', str(d / 'sizes')),
+     r'images in \S+sizes have different sizes \[\(8, 8\), \(8, 10\)\]: give --image-size H W'),
+    ('mean-count', lambda a, d, t: _with(a, '--calib', str(d / 'sizes')) +
+     ['--image-size', '8', '8', '--mean', '0.1', '0.2'],
+     r'--mean has 2 values: give one, or one per channel \(the images in \S+sizes have 3\)'),
+    ('std-zero', lambda a, d, t: _with(a, '--calib', str(d / 'sizes')) +
+     ['--image-size', '8', '8', '--std', '0'], r'--std must be positive, got 0'),
+    ('calib-missing', lambda a, d, t: _with(a, '--calib', str(t / 'nothing.npz')),
+     r'data file \S+nothing.npz not found'),
+    ('calib-corrupt', lambda a, d, t: _with(a, '--calib', str(d / 'garbage.npy')),
+     r'cannot read \S+garbage.npy as .npy/.npz: '),
+    ('calib-no-arrays', lambda a, d, t: _with(a, '--calib', str(d / 'none.npz')),
+     r'\S+none.npz holds no arrays'),
+    ('calib-key', lambda a, d, t: a + ['--calib-key', 'images'],
+     r"\S+calib.npz has no array 'images' \(it has x, y\)"),
+    ('eval-labels-missing', lambda a, d, t: a + ['--eval', str(d / 'xonly.npz')],
+     r"\S+xonly.npz has no label array None \(it has x\)"),
+    ('eval-label-key', lambda a, d, t: a + ['--eval', str(d / 'test.npz'),
+                                            '--eval-label-key', 'labels'],
+     r"\S+test.npz has no label array 'labels' \(it has x, y\)"),
+    ('eval-shape', lambda a, d, t: a + ['--eval', str(d / 'eval_shape.npz')],
+     r'--eval \S+eval_shape.npz: inputs have example shape \(1, 16, 16\), the calibration data '
+     r'\(1, 32, 32\)'),
+    ('eval-label-count', lambda a, d, t: a + ['--eval', str(d / 'eval_labels.npz')],
+     r'--eval \S+eval_labels.npz: 4 inputs but 3 labels'),
+    ('num-calib-examples', lambda a, d, t: a + ['--num-calib-examples', '0'],
+     r'--num-calib-examples must be at least 1, got 0'),
+    ('batch-size', lambda a, d, t: a + ['--batch-size', '-2'],
+     r'--batch-size must be at least 1, got -2'),
+    ('image-size', lambda a, d, t: a + ['--image-size', '0', '5'],
+     r'--image-size H W must be positive, got 0 5'),
+    ('percentile-mode', lambda a, d, t: a + ['--percentile', '99'],
+     r'--percentile is used only with --calib-mode percentile \(got --calib-mode naive\)'),
+    ('percentile-value', lambda a, d, t: a + ['--calib-mode', 'percentile', '--percentile',
+                                              '120'],
+     r'percentile must be in \(0, 100\], got 120'),
+    ('exclude', lambda a, d, t: a + ['--exclude', '*nosuchlayer*'],
+     r"exclude: no layer matches \['\*nosuchlayer\*'\]; layer names look like"),
+    ('same-output', lambda a, d, t: a + ['--export-fast', str(t / 'e'), '--export-compact',
+                                         str(t / 'e')],
+     r'two outputs would be written to \S+e-0000.params, \S+e-symbol.json: give each its own '
+     r'path'),
+    ('calib-shape', lambda a, d, t: _with(a, '--calib', str(d / 'eval_shape.npz')),
+     r"--calib \S+eval_shape.npz: calibration batches of shape \(4, 1, 16, 16\): input 'data' "
+     r'of shape \(1, 1, 16, 16\) does not fit the network: layer \S+dense0_fwd rejects it'),
+    ('calib-nan', None, r'--calib \S+bad.npy: calibration batch 0 holds NaN or Inf'),
+    ('output-folder', lambda a, d, t: _with(a, '--out', str(t / 'nodir' / 'q')),
+     r'output folder \S+nodir does not exist'),
+]
+
+
+@pytest.mark.parametrize('make,pattern', [c[1:] for c in CLI_ERRORS],
+                         ids=[c[0] for c in CLI_ERRORS])
+def test_every_cli_error_names_its_option(tiny_ckpt, tmp_path, capsys, make, pattern):
+    _bad_files(tiny_ckpt)
+    argv = _argv(tiny_ckpt, tmp_path / 'q')
+    if make is None:                    # calibration data with an Inf
+        bad = np.load(str(tiny_ckpt / 'calib.npz'))['x'].copy()
+        bad[0, 0, 0, 0] = np.inf
+        np.save(str(tmp_path / 'bad.npy'), bad)
+        argv = _with(argv, '--calib', str(tmp_path / 'bad.npy'))
+    else:
+        argv = make(argv, tiny_ckpt, tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('gluonq-convert: error: ') and 'Traceback' not in err
+    assert re.search(pattern, err), err
+    assert os.listdir(str(tmp_path)) in ([], ['bad.npy'])     # nothing written
+
+
+# --- what each option does ------------------------------------------------------------------
+def _side(prefix):
+    with open(str(prefix) + '.json') as f:
+        return json.load(f)
+
+
+def _layer_steps(side):
+    return [s for s in side['steps'] if s['block'] in ('QuantizedConv2D', 'QuantizedDense')]
+
+
+def test_weight_granularity_act_dtype_exclude_and_limits(tiny_ckpt, tmp_path):
+    base, other = tmp_path / 'base', tmp_path / 'other'
+    assert cli.main(_argv(tiny_ckpt, base)) == 0
+    assert cli.main(_argv(tiny_ckpt, other, '--per-tensor', '--act-dtype', 'int8',
+                          '--exclude', '*convbn0*', '--num-calib-examples', '16',
+                          '--batch-size', '5')) == 0
+    b, o = _side(base), _side(other)
+    pb, po = mx.nd.load(str(base) + '.params'), mx.nd.load(str(other) + '.params')
+    # per channel by default: one scale per output channel; --per-tensor: one per layer
+    for st in _layer_steps(b):
+        scale = next(v for k, v in pb.items() if k.startswith(st['name'] + '.') and
+                     k.endswith('weight_scale'))
+        w = next(v for k, v in pb.items() if k.startswith(st['name'] + '.') and
+                 k.endswith('.weight'))
+        assert scale.shape == (w.shape[0],) and w.shape[0] > 1
+    assert _layer_steps(o)
+    for st in _layer_steps(o):
+        assert st['config']['per_channel'] is False
+        assert [v.shape for k, v in po.items() if k.startswith(st['name'] + '.') and
+                k.endswith('weight_scale')] == [(1,)]
+    # --act-dtype int8: every activation int8; the default takes uint8 after ReLUs
+    assert {q['dtype'] for q in o['qparams'].values()} == {'int8'}
+    assert 'uint8' in {q['dtype'] for q in b['qparams'].values()}
+    # --exclude: that layer stays float in the report and runs as a FloatOp
+    def kind(side):
+        return next(r['kind'] for r in side['report'] if r['node'].endswith('convbn0_conv0_fwd'))
+    assert kind(o) == 'float' and kind(b).startswith('int8')
+    assert o['calibration']['exclude'] == ['*convbn0*']
+    assert (o['calibration']['num_examples'], o['calibration']['num_batches']) == (16, 4)
+    assert (b['calibration']['num_examples'], b['calibration']['per_channel']) == (64, True)
+
+
+def test_calib_mode_is_recorded_and_changes_the_ranges(tiny_ckpt, tmp_path):
+    sides = {}
+    for mode, extra in (('naive', []), ('percentile', ['--percentile', '99']),
+                        ('entropy', [])):
+        out = tmp_path / mode
+        assert cli.main(_argv(tiny_ckpt, out, '--calib-mode', mode, *extra)) == 0
+        sides[mode] = _side(out)
+        assert sides[mode]['calibration']['mode'] == mode
+    assert sides['percentile']['calibration']['options'] == {'percentile': 99.0}
+    # naive is the min/max: every other mode's threshold lies inside it, and some below it
+    x = np.load(str(tiny_ckpt / 'calib.npz'))['x']
+    key = 'data' if 'data' in sides['naive']['qparams'] else sorted(sides['naive']['qparams'])[0]
+    assert sides['naive']['qparams'][key]['max'] == pytest.approx(float(np.abs(x).max()),
+                                                                   rel=1e-5)
+    def ranges(mode):           # tensor -> max, without the per-instance name prefix
+        return {re.sub(r'^tinynet\d+_', '', k): v['max']
+                for k, v in sides[mode]['qparams'].items()}
+    for mode in ('percentile', 'entropy'):
+        ratios = [ranges(mode)[k] / v for k, v in ranges('naive').items()]
+        assert max(ratios) <= 1 + 1e-6 and min(ratios) < 0.99, (mode, ratios)
+
+
+def test_exports_report_eval_and_overwrite(tiny_ckpt, tmp_path):
+    out = tmp_path / 'q'
+    argv = _argv(tiny_ckpt, out, '--export-fast', str(tmp_path / 'fast'), '--export-compact',
+                 str(tmp_path / 'compact'), '--report-png', str(tmp_path / 'r.png'),
+                 '--eval', str(tiny_ckpt / 'test.npz'))
+    assert cli.main(argv) == 0
+    assert open(str(tmp_path / 'r.png'), 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+    qnet = gluonq.load_quantized(str(out))
+    xt = np.load(str(tiny_ckpt / 'test.npz'))['x'][:64]
+    eager = qnet(mx.nd.array(xt)).asnumpy()
+    qnet.hybridize()
+    fast = qnet(mx.nd.array(xt)).asnumpy()
+    for name, want in (('compact', eager), ('fast', fast)):     # stock MXNet, no gluonq blocks
+        blk = mx.gluon.SymbolBlock.imports(str(tmp_path / (name + '-symbol.json')), ['data'],
+                                           str(tmp_path / (name + '-0000.params')))
+        np.testing.assert_array_equal(blk(mx.nd.array(xt)).asnumpy(), want)
+    # --eval: top-1 of the float checkpoint and of the int8 one, as computed here
+    d = np.load(str(tiny_ckpt / 'test.npz'))
+    net = M.build('tiny')
+    net.load_parameters(str(tiny_ckpt / 'tiny.params'))
+    summary = _side(out)['extra']['summary']
+    assert summary['fp32_top1'] == pytest.approx(
+        100 * float((net(mx.nd.array(d['x'])).asnumpy().argmax(1) == d['y']).mean()))
+    assert summary['int8_top1'] == pytest.approx(
+        100 * float((qnet(mx.nd.array(d['x'])).asnumpy().argmax(1) == d['y']).mean()))
+    # --overwrite replaces every output (here with other settings)
+    before = {p: open(str(tmp_path / p), 'rb').read() for p in os.listdir(str(tmp_path))}
+    assert cli.main(argv + ['--overwrite', '--per-tensor']) == 0
+    after = {p: open(str(tmp_path / p), 'rb').read() for p in os.listdir(str(tmp_path))}
+    assert set(after) == set(before)
+    assert after['q.params'] != before['q.params'] and after['q.json'] != before['q.json']
+
+
+def test_failure_with_overwrite_keeps_the_old_files(tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / 'q'
+    assert cli.main(_argv(tiny_ckpt, out, '--export-compact', str(tmp_path / 'c'))) == 0
+    before = {p: open(str(tmp_path / p), 'rb').read() for p in os.listdir(str(tmp_path))}
+
+    def broken(*args, **kwargs):
+        raise IOError('disk full')
+    monkeypatch.setattr(gluonq, 'export_compact', broken)   # the checkpoint is already staged
+    with pytest.raises(IOError, match='disk full'):
+        cli.main(_argv(tiny_ckpt, out, '--export-compact', str(tmp_path / 'c'), '--overwrite',
+                       '--per-tensor'))
+    after = {p: open(str(tmp_path / p), 'rb').read() for p in os.listdir(str(tmp_path))}
+    assert after == before                          # no temporary file, old files intact
+
+
+_SEEN = {}
+
+
+def capture(x):
+    """--transform hook of the image tests: records what the network is given."""
+    _SEEN['x'] = np.array(x)
+    return x
+
+
+def test_images_reach_the_network_as_rgb_resized_and_normalized(tiny_ckpt, tmp_path):
+    """Coloured images (R, G, B distinct) from a folder and from a .rec: the network gets
+    them as RGB in NCHW, resized by --image-size, with per-channel --mean/--std."""
+    import cv2
+    rgb = np.array([[200, 90, 20], [30, 160, 250], [120, 10, 70]], np.uint8)
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    rec = mx.recordio.MXRecordIO(str(tmp_path / 'c.rec'), 'w')
+    for i, colour in enumerate(rgb):
+        bgr = np.broadcast_to(colour[::-1], (12, 16, 3)).copy()    # OpenCV writes BGR
+        cv2.imwrite(str(folder / ('%02d.png' % i)), bgr)
+        rec.write(mx.recordio.pack_img(mx.recordio.IRHeader(0, 0, i, 0), bgr, img_fmt='.png'))
+    rec.close()
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.Conv2D(4, 3, activation='relu'), mx.gluon.nn.GlobalAvgPool2D(),
+            mx.gluon.nn.Dense(3))
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, 6, 8)))
+    net.export(str(tmp_path / 'm'))
+    mean, std = np.float32([0.1, 0.2, 0.3]), np.float32([0.5, 0.25, 0.2])
+    want = (rgb.astype(np.float32) / 255.0 - mean) / std                  # (image, channel)
+    for calib in (str(folder), str(tmp_path / 'c.rec')):
+        _SEEN.clear()
+        out = tmp_path / ('q' + str(len(os.listdir(str(tmp_path)))))
+        assert cli.main(['--symbol', str(tmp_path / 'm-symbol.json'), '--params',
+                         str(tmp_path / 'm-0000.params'), '--calib', calib,
+                         '--image-size', '6', '8', '--mean', '0.1', '0.2', '0.3',
+                         '--std', '0.5', '0.25', '0.2', '--transform', 'test_cli:capture',
+                         '--out', str(out), '--quiet']) == 0
+        x = _SEEN['x']
+        assert x.shape == (3, 3, 6, 8) and x.dtype == np.float32
+        np.testing.assert_allclose(x, np.broadcast_to(want[:, :, None, None], x.shape),
+                                   rtol=1e-6)
+        # the network's quantized input covers exactly these values
+        qp = _side(out)['qparams']['data']
+        assert qp['max'] == pytest.approx(float(np.abs(want).max()), rel=1e-5)

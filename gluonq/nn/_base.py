@@ -108,7 +108,11 @@ class QuantizedBlock(HybridBlock):
         return lo, hi
 
     def _type_error(self, what):
-        return TypeError('%s %r: %s' % (type(self).__name__, self.name, what))
+        return TypeError('%s: %s' % (self._where(), what))
+
+    def _where(self):
+        """``QuantizedConv2D 'name'``: the block, for error messages."""
+        return '%s %r' % (type(self).__name__, self.name)
 
     def _check_qtensor(self, F, qt, dtype, what='input'):
         """Eager-mode check that a quantized input has the dtype this block was built for."""
@@ -131,23 +135,25 @@ class QuantizedBlock(HybridBlock):
         self._out_q = None
         if out_dtype == 'float32':
             if not allow_float:
-                raise ValueError("%s: out_dtype must be 'auto', 'int8' or 'uint8'"
-                                 % type(self).__name__)
+                raise ValueError("%s: out_dtype must be 'auto', 'int8' or 'uint8', got "
+                                 "'float32'" % self._where())
             if out_range is not None:
-                raise ValueError("out_range is only used with out_dtype 'int8'/'uint8'/'auto'")
+                raise ValueError("%s: out_range is only used with out_dtype 'int8', 'uint8' or "
+                                 "'auto', got out_dtype 'float32'" % self._where())
             self._out_dtype = 'float32'
             return
         if out_range is not None:
             lo = 0.0 if relu else min(float(out_range[0]), 0.0)
             dt = quant.dtype_for_range(lo, out_range[1], out_dtype)
-            self._out_q = _check_range('out_range', lo, max(float(out_range[1]), 0.0), dt)
+            self._out_q = _check_range(self._where() + ' out_range', lo,
+                                       max(float(out_range[1]), 0.0), dt)
             with self.name_scope():
                 self.output_min, self.output_max = self._range_params('output', self._out_q)
         else:
             dt = out_dtype if out_dtype != 'auto' else ('uint8' if relu else 'int8')
             if dt not in quant.QRANGE:
-                raise ValueError("out_dtype must be 'float32', 'auto', 'int8' or 'uint8', got %r"
-                                 % (out_dtype,))
+                raise ValueError("%s: out_dtype must be 'float32', 'auto', 'int8' or 'uint8', "
+                                 "got %r" % (self._where(), out_dtype))
         self._out_dtype = dt
 
     @property
@@ -234,17 +240,19 @@ class QuantizedLayer(QuantizedBlock):
             out_dtype = 'float32' if out_range is None else 'auto'
         if activation not in (None, 'relu') and out_dtype != 'float32':
             raise ValueError('%s: activation %r can only run on float output; with int8 '
-                             "output only 'relu' is fused" % (type(self).__name__, activation))
+                             "output only 'relu' is fused" % (self._where(), activation))
         self._act_type = activation
         self._in_q = None
         if in_range is not None:
             dt = quant.dtype_for_range(in_range[0], in_range[1], in_dtype)
-            self._in_q = _check_range('in_range', in_range[0], in_range[1], dt)
+            self._in_q = _check_range(self._where() + ' in_range', in_range[0], in_range[1],
+                                      dt)
             self._in_dtype = dt
         else:
             self._in_dtype = 'int8' if in_dtype == 'auto' else in_dtype
             if self._in_dtype not in quant.QRANGE:
-                raise ValueError("in_dtype must be 'auto', 'int8' or 'uint8', got %r" % in_dtype)
+                raise ValueError("%s: in_dtype must be 'auto', 'int8' or 'uint8', got %r"
+                                 % (self._where(), in_dtype))
         self._setup_output(out_dtype, out_range, activation == 'relu')
         if self._in_q is not None:
             with self.name_scope():
