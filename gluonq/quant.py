@@ -543,10 +543,18 @@ def matmul_int_f(F, qa, qb, a_dtype, b_dtype, transpose_a=False, transpose_b=Fal
     return F.reshape(acc, shape=(-3, -2))
 
 
-def bias_to_int32_f(F, bias, inv_in, inv_w):
-    """Float bias -> int32 at scale ``s_in * s_w`` at run time (dynamic mode)."""
+def bias_to_int32_f(F, bias, inv_in, inv_w, headroom=0):
+    """Float bias -> int32 at scale ``s_in * s_w`` at run time (dynamic mode).
+
+    Saturates at the largest float32 ``L <= 2**31 - 1 - headroom`` (``headroom``: the
+    largest ``|sum(q_x * q_w)|`` the layer can add), so that neither the cast nor the
+    accumulator ``sum + bias`` wraps around.
+    """
+    lim = np.float32(max(INT32_FLOAT_MAX - int(headroom), 0))
+    if int(lim) > INT32_FLOAT_MAX - int(headroom):
+        lim = np.nextafter(lim, np.float32(0))
     y = F.round(F.broadcast_mul(F.broadcast_mul(bias, inv_in), inv_w))
-    return F.cast(F.clip(y, -INT32_FLOAT_MAX, INT32_FLOAT_MAX), 'int32')
+    return F.cast(F.clip(y, -float(lim), float(lim)), 'int32')
 
 
 

@@ -26,8 +26,9 @@ The rules, as documented:
   stored as ``+-f32(127.5 s)`` and re-derive ``rint(f32(image * f32(127.5 / max|image|)))``
   (half to even, saturated to [-128, 127]).
 * Static bias: int32 ``round_half_away(b / (s_x * s_w))`` (float64), with
-  ``s_x = f32(M / Q)``, saturated so that ``acc`` cannot leave int32 (:func:`bias_q`). Dynamic bias: ``round_half_away(f32(f32(b *
-  inv_x) * inv_w))`` at the run-time scale.
+  ``s_x = f32(M / Q)``, saturated so that ``acc`` cannot leave int32 (:func:`bias_q`).
+  Dynamic bias: ``round_half_away(f32(f32(b * inv_x) * inv_w))`` at the run-time scale,
+  saturated to leave room for any accumulator.
 * ``acc = sum(q_x * q_w) + q_b`` exactly (int64 here; gluonq promises int32).
 * Float output: ``acc * s_x * s_w`` (exact here; gluonq's float32 order is within
   :data:`FLOAT_RTOL` of it). Requantize: ``m = f32(f32(inv_out / inv_x) / inv_w)`` with
@@ -190,7 +191,8 @@ def _rederives(row, s):
     rows = np.flatnonzero(has)
     img[rows, k[rows]] = np.sign(q[rows, k[rows]]).astype(np.float32) * m[rows, 0]
     top = np.abs(img).max(axis=1, keepdims=True)
-    inv = (_f32(127.5) / top).astype(np.float32)
+    with np.errstate(divide='ignore'):               # an all-zero row re-derives zeros
+        inv = np.where(top > 0, (_f32(127.5) / top).astype(np.float32), _f32(0))
     back = np.clip(np.rint((img * inv).astype(np.float32).astype(np.float64)), -128, 127)
     return np.all(back == q, axis=1)
 
@@ -222,7 +224,7 @@ def _onednn_exact_scale(row, s0):
         ok = np.flatnonzero(_rederives(row, cand))
         if ok.size:
             return cand[ok[0]]
-    raise AssertionError('no oneDNN-exact weight scale within 0.3% of %r' % (s0,))
+    raise AssertionError('no oneDNN-exact weight scale within 0.3%% of %r' % (s0,))
 
 
 _WEIGHT_CACHE = {}
@@ -265,10 +267,16 @@ def bias_q(b, s_x, s_w, qw=None, in_dtype='int8'):
     return np.clip(v, -lim, lim).astype(np.int64)
 
 
-def _bias_q_dynamic(b, inv_x, inv_w):
+def _bias_q_dynamic(b, inv_x, inv_w, fan_in, in_dtype):
+    """Run-time int32 bias, saturated at the largest float32 that leaves room for any
+    accumulator (``max|q_x| * 127 * fan_in``) below 2**31 - 1."""
     y = ((np.asarray(b, np.float32) * _f32(inv_x)).astype(np.float32) *
          np.asarray(inv_w, np.float32)).astype(np.float32)
-    return np.clip(_round_half_away(y), -2147483520.0, 2147483520.0).astype(np.int64)
+    room = INT32_MAX - MAX_ABS[in_dtype] * 127 * fan_in
+    lim = np.float32(room)
+    while int(lim) > room:                        # float32 nearest below
+        lim = np.nextafter(lim, np.float32(0))
+    return np.clip(_round_half_away(y), -float(lim), float(lim)).astype(np.int64)
 
 
 # -- integer products ---------------------------------------------------------------------
@@ -453,7 +461,8 @@ def layer(kind, w, b, x, in_dtype='auto', in_range=None, out_dtype='float32', ou
         if static:
             qb = bias_q(b, _f32(np.float64(m_in) / Q[dt_in]), s_w, qw, dt_in)
         else:
-            qb = _bias_q_dynamic(b, inv_x, _per_channel(inv_w, units, (-1,)))
+            qb = _bias_q_dynamic(b, inv_x, _per_channel(inv_w, units, (-1,)),
+                                 int(np.prod(w.shape[1:])), dt_in)
         acc = acc + _per_channel(qb, units, shape)
     s_x = np.float64(m_in) / Q[dt_in]
     real = acc.astype(np.float64) * s_x * _per_channel(s_w, units, shape).astype(np.float64)

@@ -375,7 +375,9 @@ class QuantizedLayer(QuantizedBlock):
         bias = params.get('bias')
         if bias is not None:
             if not self.is_static:
-                bias = quant.bias_to_int32_f(F, bias, inv_in, F.reshape(inv_w, (-1,)))
+                fan_in = int(np.prod(self.weight.shape[1:]))
+                bias = quant.bias_to_int32_f(F, bias, inv_in, F.reshape(inv_w, (-1,)),
+                                             quant.QRANGE_MAX_ABS[self._in_dtype] * 127 * fan_in)
             acc = F.broadcast_add(acc, F.reshape(bias, bshape))
         terms = [(acc, [inv_in, inv_w])]
         if self._residual:
