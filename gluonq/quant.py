@@ -370,10 +370,11 @@ def requantize_np(terms, dtype, relu=False, fused_sum=False):
 def accumulator_bound(fan_in, in_dtype, bias_max=0):
     """Largest |acc| a layer with ``fan_in`` products per output can reach.
 
-    ``fan_in * QRANGE[in] * 127 + |bias|``; it must stay below 2**31 - 1 (int32), and below
-    2**24 for float32(acc) to be exact in the epilogue.
+    ``fan_in * QRANGE_MAX_ABS[in] * 127 + |bias|`` (int8 activations reach -128); it must
+    stay below 2**31 - 1 (int32), and below 2**24 for float32(acc) to be exact in the
+    epilogue.
     """
-    return int(fan_in) * QRANGE[in_dtype] * 127 + int(bias_max)
+    return int(fan_in) * QRANGE_MAX_ABS[in_dtype] * 127 + int(bias_max)
 
 
 def matmul_bound(k, a_dtype, b_dtype):

@@ -3,9 +3,9 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from gluonq import quant
+from gluonq import lower, quant
 
-RNG = np.random.RandomState(1)
+import reference as ref
 
 
 def test_qparams_conventions():
@@ -35,7 +35,7 @@ def test_quantize_rounds_half_to_even_and_saturates():
                                                ((10, 20), True), ((10, 20), False),
                                                ((8, 4, 3, 3), False)])
 def test_quantize_weight(shape, per_channel):
-    w = RNG.randn(*shape).astype(np.float32)
+    w = np.random.RandomState(sum(shape)).randn(*shape).astype(np.float32)
     q, s = quant.quantize_weight(w, per_channel=per_channel)
     assert q.dtype == np.int8 and q.min() >= -127 and q.max() <= 127
     wc = w.reshape(shape[0], -1) if per_channel else w.reshape(1, -1)
@@ -53,7 +53,7 @@ def test_quantize_weight(shape, per_channel):
 
 
 def test_quantize_weight_zero_channel():
-    w = RNG.randn(4, 6).astype(np.float32)
+    w = np.random.RandomState(2).randn(4, 6).astype(np.float32)
     w[2] = 0
     q, s = quant.quantize_weight(w)
     assert not q[2].any() and s[2] > 0
@@ -77,8 +77,9 @@ def test_requantize_np_half_even_relu_and_residual():
 @pytest.mark.parametrize('nd,groups,stride,pad,dilate', [(2, 1, 1, 1, 1), (2, 4, 2, 0, 1),
                                                          (1, 1, 2, 1, 2), (3, 2, 1, 1, 1)])
 def test_conv_np_matches_mxnet_convolution(nd, groups, stride, pad, dilate):
-    x = RNG.randn(2, 4, *(7,) * nd)
-    w = RNG.randn(8, 4 // groups, *(3,) * nd)
+    rng = np.random.RandomState(nd * 10 + groups)
+    x = rng.randn(2, 4, *(7,) * nd)
+    w = rng.randn(8, 4 // groups, *(3,) * nd)
     got = quant.conv_np(x, w, stride, pad, dilate, groups)
     ref = mx.nd.Convolution(mx.nd.array(x, dtype='float64'), mx.nd.array(w, dtype='float64'),
                             kernel=(3,) * nd, stride=(stride,) * nd, pad=(pad,) * nd,
@@ -93,22 +94,31 @@ def test_f_functions_match_numpy_bit_for_bit():
     assert inv == quant.inv_scale_np(-2.7, 2.7, 'int8')
     inv_auto = quant.inv_scale_f(mx.nd, mx.nd.zeros(1), hi, 'auto').asnumpy()[0]
     assert inv_auto == quant.inv_scale_np(0, 2.7, 'uint8')
-    s_w = RNG.rand(50).astype(np.float32) * 0.01 + 1e-4
+    rng = np.random.RandomState(4)
+    s_w = rng.rand(50).astype(np.float32) * 0.01 + 1e-4
     np.testing.assert_array_equal(quant.weight_inv_scale_f(mx.nd, mx.nd.array(s_w)).asnumpy(),
                                   quant.weight_inv_scale_np(s_w))
-    y = (RNG.randint(-400, 400, 2000) / 2.0).astype(np.float32)   # many exact ties
+    y = (rng.randint(-400, 400, 2000) / 2.0).astype(np.float32)   # many exact ties
     got = quant.round_half_even_f(mx.nd, mx.nd.array(y)).asnumpy()
     np.testing.assert_array_equal(got, np.rint(y))
-    acc = RNG.randint(-2 ** 20, 2 ** 20, (3, 5)).astype(np.int32)
-    m = (RNG.rand(5).astype(np.float32) * 1e-3)
+    acc = rng.randint(-2 ** 20, 2 ** 20, (3, 5)).astype(np.int32)
+    m = (rng.rand(5).astype(np.float32) * 1e-3)
     got = quant.requantize_f(mx.nd, [(mx.nd.array(acc, dtype='int32'), mx.nd.array(m))],
                              'int8').asnumpy()
     np.testing.assert_array_equal(got, quant.requantize_np([(acc, m)], 'int8'))
 
 
-def test_accumulator_bound():
-    assert quant.accumulator_bound(9, 'uint8') == 9 * 255 * 127
-    assert quant.accumulator_bound(4608, 'int8') < 2 ** 31
+@pytest.mark.parametrize('in_dtype', ['uint8', 'int8'])
+@pytest.mark.parametrize('fan_in', [1, 9, 4608])
+def test_accumulator_bound_is_the_largest_reachable_sum(in_dtype, fan_in):
+    """The bound equals the largest |sum(q_x * q_w)| of the reference (int8 inputs reach
+    -128), plus the bias."""
+    lo, hi = ref.BOUNDS[in_dtype]
+    qw = np.full((2, fan_in), 127)
+    qw[1] = -127
+    worst = max(int(np.abs(ref.dense_int(np.full((1, fan_in), v), qw)).max()) for v in (lo, hi))
+    assert quant.accumulator_bound(fan_in, in_dtype) == worst
+    assert quant.accumulator_bound(fan_in, in_dtype, bias_max=5) == worst + 5
 
 
 # -- MXNet 1.9.1 behaviour that gluonq depends on or works around ------------------------
@@ -141,10 +151,11 @@ class TestMXNetQuirks:
         assert hi.asscalar() / true_hi == pytest.approx(255 / 127 * 127.0 / 127, rel=0.02)
 
     @pytest.mark.parametrize('ic', [4, 8, 24])
-    def test_quantized_conv_saturates_pairs_of_products_to_int16(self, ic):
-        """Why gluonq's reference conv does not use ``contrib.quantized_conv``: for these
-        channel counts oneDNN runs it with kernels that add pairs of u8*s8 products in int16
-        (``vpmaddubsw``), so 255 * 127 * 2 saturates at 32767 and the int32 sum is wrong."""
+    def test_quantized_conv_saturates_pairs_of_products_without_vnni(self, ic):
+        """Why gluonq's reference conv does not use ``contrib.quantized_conv``: on CPUs
+        without VNNI oneDNN adds pairs of u8*s8 products in int16 (``vpmaddubsw``), so
+        255 * 127 * 2 saturates at 32767 and the int32 sum is wrong; with VNNI it is exact.
+        The reference's model of this CPU kind predicts the result either way."""
         x = np.full((1, ic, 5, 5), 255)
         q = np.full((8, ic, 3, 3), 127)
         r = [mx.nd.array([v]) for v in (0, 1, -1, 1)]
@@ -152,9 +163,12 @@ class TestMXNetQuirks:
                                            mx.nd.array(q, dtype='int8'), None, *r,
                                            kernel=(3, 3), pad=(1, 1), num_filter=8,
                                            no_bias=True)[0].asnumpy()
-        exact = quant.conv_int_np(x, q, 1, 1)
-        assert out.max() == 32767 * (ic * 9 // 2)                # every pair saturated
-        assert out.max() < exact.max()
+        vnni = lower.int8_kernels_exact()
+        np.testing.assert_array_equal(out, ref.onednn_conv_ref(x.astype(np.uint8), q, 1, 1,
+                                                               vnni=vnni))
+        saturated = out.max() == 32767 * (ic * 9 // 2)            # every pair saturated
+        assert saturated == (not vnni)
+        assert (out.max() < ref.conv_int(x, q, 1, 1).max()) == (not vnni)
 
     def test_dequantize_uses_127_5(self):
         q = mx.nd.array([127], dtype='int8')
