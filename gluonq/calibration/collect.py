@@ -8,6 +8,7 @@ and feeds one observer per tensor.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import mxnet as mx
@@ -30,11 +31,10 @@ def _as_numpy(x, what):
 
 
 def _caller_stacklevel():
-    """``stacklevel`` of the first frame outside gluonq (a warning points at the user's call)."""
-    import sys
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """``stacklevel`` of the first frame outside gluonq (a warning points at the user's line)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
 
