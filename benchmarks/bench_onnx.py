@@ -102,19 +102,28 @@ class _Reader:
         self._it = iter(self._batches)
 
 
-def ort_quantize_static(fp32_path, out_path, calib, batch_size=1):
-    """onnxruntime's own int8 model: quant_pre_process, then QDQ U8S8 per-channel MinMax."""
+def ort_quantize_static(fp32_path, out_path, calib, batch_size=1, per_channel=True,
+                        method='MinMax', pre_process_options=None):
+    """onnxruntime's own int8 model: quant_pre_process, then QDQ U8S8 (per-channel by
+    default) with the calibration ``method`` ('MinMax', 'Entropy', 'Percentile' or
+    'Distribution': onnxruntime's ``CalibrationMethod`` names, its default options).
+    ``pre_process_options`` go to ``quant_pre_process`` (models with free spatial sizes,
+    such as rapidocr's, need ``{'auto_merge': True}`` for its symbolic shape inference)."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    if method not in CalibrationMethod.__members__:
+        raise ValueError('method must be one of %s, got %r'
+                         % (sorted(CalibrationMethod.__members__), method))
     pre = out_path + '.pre.onnx'
-    quant_pre_process(fp32_path, pre)
+    quant_pre_process(fp32_path, pre, **(pre_process_options or {}))
     name = onnx.load(pre).graph.input[0].name
     batches = [calib[i:i + batch_size] for i in range(0, len(calib), batch_size)]
     quantize_static(pre, out_path, _Reader(name, batches), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+                    per_channel=per_channel,
+                    calibrate_method=CalibrationMethod[method])
     os.remove(pre)
     return out_path
 

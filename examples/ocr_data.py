@@ -17,6 +17,9 @@ on the right). Every function takes a seed and is deterministic.
   dictionary from the model's metadata key ``character``, ' ').
 * ``ctc_greedy_decode(probs, charset)``: rapidocr's CTC decoding (argmax, merge repeats,
   drop blanks).
+* Metrics: ``rec_scores(preds, truths)`` (exact match and character accuracy),
+  ``det_scores(det_counts(probs, ref_probs))`` (binarized-map IoU, pixel F1 and box F1 of
+  DBNet probability maps against reference maps; boxes from ``det_boxes``).
 """
 import importlib.util
 import math
@@ -251,3 +254,114 @@ def ctc_greedy_decode(probs, charset):
         keep &= idx != 0
         out.append(''.join(charset[i] for i in idx[keep]))
     return out
+
+
+# -- metrics --------------------------------------------------------------------------------
+#: rapidocr's DBPostProcess defaults (config.yaml: thresh, box_thresh, min_size)
+DB_THRESH, DB_BOX_THRESH, DB_MIN_SIZE = 0.3, 0.5, 3
+
+
+def edit_distance(a, b):
+    """Levenshtein distance between two strings (insertions, deletions, substitutions)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def rec_scores(preds, truths):
+    """Recognition scores in percent: ``exact`` (strings equal) and ``char`` (character
+    accuracy, 1 - total edit distance / total characters of ``truths``, at least 0)."""
+    if len(preds) != len(truths) or not truths:
+        raise ValueError('need as many predictions as truths (>0), got %d and %d'
+                         % (len(preds), len(truths)))
+    exact = sum(p == t for p, t in zip(preds, truths))
+    edits = sum(edit_distance(p, t) for p, t in zip(preds, truths))
+    chars = sum(len(t) for t in truths)
+    return {'exact': 100.0 * exact / len(truths),
+            'char': 100.0 * max(0.0, 1.0 - edits / max(chars, 1))}
+
+
+def det_boxes(prob, thresh=DB_THRESH, box_thresh=DB_BOX_THRESH, min_size=DB_MIN_SIZE):
+    """Text boxes of one DBNet probability map ``prob`` (H, W), as rapidocr's
+    DBPostProcess finds them but axis-aligned and without unclipping (the rendered lines
+    are horizontal): the connected regions of ``prob > thresh`` whose shorter side is at
+    least ``min_size`` and whose mean probability is at least ``box_thresh``
+    -> list of ``(x0, y0, x1, y1)`` (exclusive ends)."""
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.ndim != 2:
+        raise ValueError('det_boxes takes one (H, W) map, got shape %s' % (prob.shape,))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        (prob > thresh).astype(np.uint8), connectivity=8)
+    boxes = []
+    for k in range(1, count):
+        x, y, w, h = (int(v) for v in stats[k, :4])
+        if min(w, h) < min_size:
+            continue
+        if prob[labels == k].mean() < box_thresh:
+            continue
+        boxes.append((x, y, x + w, y + h))
+    return boxes
+
+
+def box_iou(a, b):
+    """IoU of two ``(x0, y0, x1, y1)`` boxes."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union else 0.0
+
+
+def box_matches(boxes, ref_boxes, iou=0.5):
+    """Boxes of ``boxes`` matched one to one with ``ref_boxes`` at IoU >= ``iou`` (greedy,
+    highest IoU first) -> number of matches."""
+    pairs = sorted(((box_iou(b, r), i, j) for i, b in enumerate(boxes)
+                    for j, r in enumerate(ref_boxes)), reverse=True)
+    used_b, used_r, matched = set(), set(), 0
+    for v, i, j in pairs:
+        if v < iou:
+            break
+        if i not in used_b and j not in used_r:
+            used_b.add(i)
+            used_r.add(j)
+            matched += 1
+    return matched
+
+
+def det_counts(probs, ref_probs, thresh=DB_THRESH, iou=0.5):
+    """Pixel and box counts of probability maps ``probs`` (N, 1, H, W) against reference
+    maps ``ref_probs`` (the fp32 network's, or a text mask), binarized at ``thresh`` as
+    DBPostProcess does -> dict of ints, which add up over batches (:func:`det_scores`):
+    ``inter``/``union`` of the binarized maps, their pixels ``n_a``/``n_r``, boxes of
+    :func:`det_boxes` ``n_boxes``/``n_ref`` and those ``matched`` one to one at IoU >=
+    ``iou``."""
+    probs, ref_probs = np.asarray(probs), np.asarray(ref_probs)
+    if probs.shape != ref_probs.shape:
+        raise ValueError('probability maps of shape %s against reference maps of shape %s'
+                         % (probs.shape, ref_probs.shape))
+    a = probs.reshape((-1,) + probs.shape[-2:])
+    r = ref_probs.reshape(a.shape)
+    ba, br = a > thresh, r > thresh
+    counts = {'inter': int((ba & br).sum()), 'union': int((ba | br).sum()),
+              'n_a': int(ba.sum()), 'n_r': int(br.sum()), 'matched': 0, 'n_boxes': 0,
+              'n_ref': 0}
+    for pa, pr in zip(a, r):
+        boxes, ref = det_boxes(pa, thresh), det_boxes(pr, thresh)
+        counts['matched'] += box_matches(boxes, ref, iou)
+        counts['n_boxes'] += len(boxes)
+        counts['n_ref'] += len(ref)
+    return counts
+
+
+def det_scores(counts):
+    """Detection scores in percent from (summed) :func:`det_counts`: ``iou`` of the
+    binarized maps, ``pixel_f1`` and box ``f1``; identical maps score 100."""
+    def f1(hits, n1, n2):
+        return 100.0 * 2 * hits / (n1 + n2) if n1 + n2 else 100.0
+    return {'iou': 100.0 * counts['inter'] / counts['union'] if counts['union'] else 100.0,
+            'pixel_f1': f1(counts['inter'], counts['n_a'], counts['n_r']),
+            'f1': f1(counts['matched'], counts['n_boxes'], counts['n_ref'])}
