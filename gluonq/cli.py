@@ -41,7 +41,11 @@ def _parser():
     arch.add_argument('--factory', help='package.module:callable returning the network')
     arch.add_argument('--symbol', help='exported symbol JSON (prefix-symbol.json)')
     arch.add_argument('--input-name', default='data', help='input name of --symbol graphs')
-    p.add_argument('--params', required=True, help='float checkpoint (.params)')
+    arch.add_argument('--onnx-model', metavar='PATH', help='float ONNX model (imported with '
+                      'gluonq.import_onnx for the calibration data\'s input shape; it carries '
+                      'its weights, so no --params)')
+    p.add_argument('--params', help='float checkpoint (.params); required except with '
+                   '--onnx-model')
     cal = p.add_argument_group('calibration')
     cal.add_argument('--calib', required=True, help='.npz/.npy array file, image folder or '
                      'RecordIO .rec file')
@@ -80,6 +84,8 @@ def _parser():
                      '(U8U8: exact also on CPUs without VNNI, where U8S8 saturates), or '
                      'auto (default): int8 where onnxruntime\'s U8S8 is exact on this CPU, '
                      'else uint8')
+    out.add_argument('--openvino', metavar='PATH.xml', help='also write an OpenVINO IR '
+                     '(PATH.xml + PATH.bin, int8 weights; needs gluonq[openvino])')
     out.add_argument('--report-png', metavar='PATH', help='bar chart of per-layer SQNR')
     out.add_argument('--overwrite', action='store_true', help='replace existing outputs')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -103,10 +109,6 @@ def _import(spec, what):
 def build_network(args):
     """The float network from --model / --factory / --symbol (parameters not loaded)."""
     import mxnet as mx
-    chosen = [a for a in ('model', 'factory', 'symbol') if getattr(args, a)]
-    if len(chosen) != 1:
-        raise CliError('give exactly one of --model, --factory, --symbol (got %s)'
-                       % (', '.join('--' + c for c in chosen) or 'none'))
     try:
         kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as err:
@@ -292,12 +294,25 @@ def _accuracy(net, x, y, batch_size=256):
 
 def _check_args(args):
     """Option values argparse cannot check by itself."""
+    chosen = [a for a in ('model', 'factory', 'symbol', 'onnx_model') if getattr(args, a)]
+    if len(chosen) != 1:
+        raise CliError('give exactly one of --model, --factory, --symbol, --onnx-model (got %s)'
+                       % (', '.join('--' + c.replace('_', '-') for c in chosen) or 'none'))
     for flag in ('num_calib_examples', 'batch_size'):
         if getattr(args, flag) < 1:
             raise CliError('--%s must be at least 1, got %d' % (flag.replace('_', '-'),
                                                                 getattr(args, flag)))
     if args.image_size is not None and min(args.image_size) < 1:
         raise CliError('--image-size H W must be positive, got %d %d' % tuple(args.image_size))
+    if args.onnx_model and args.params:
+        raise CliError('--onnx-model %s carries its weights: drop --params %s'
+                       % (args.onnx_model, args.params))
+    if not args.onnx_model and not args.params:
+        raise CliError('--params (the float checkpoint) is required with --model, --factory '
+                       'and --symbol')
+    if args.openvino and not args.openvino.endswith('.xml'):
+        raise CliError('--openvino %s: an OpenVINO IR path ends in .xml (the weights go to '
+                       'the .bin beside it)' % args.openvino)
     if args.percentile is not None and args.calib_mode != 'percentile':
         raise CliError('--percentile is used only with --calib-mode percentile (got '
                        '--calib-mode %s)' % args.calib_mode)
@@ -309,14 +324,21 @@ def run(args):
     from gluonq.calibration.collect import CalibrationDataError
     t0 = time.time()
     _check_args(args)
-    net = build_network(args)
-    load_float_params(net, args.params)
+    if not args.onnx_model:
+        net = build_network(args)
+        load_float_params(net, args.params)
     try:
         x = _calib_data(args)
     except CalibrationDataError as err:
         raise CliError('--calib %s: %s' % (args.calib, err)) from None
+    if args.onnx_model:
+        try:
+            net = gluonq.import_onnx(args.onnx_model, (1,) + tuple(x.shape[1:])).net
+        except gluonq.ONNXImportError as err:
+            raise CliError('--onnx-model %s: %s' % (args.onnx_model, err)) from None
     outputs = [args.out + '.params', args.out + '.json'] + \
         [p for p in (args.onnx, args.report_png) if p] + \
+        ([args.openvino, args.openvino[:-len('.xml')] + '.bin'] if args.openvino else []) + \
         [q + s for q in (args.export_fast, args.export_compact) if q
          for s in ('-symbol.json', '-0000.params')]
     clash = sorted({o for o in outputs if outputs.count(o) > 1})
@@ -379,8 +401,9 @@ def _write_outputs(args, qnet, rows, summary):
 
     def staged(path):
         folder, base = os.path.split(path)
-        tmp = os.path.join(folder, '.gluonq-tmp-%d-%s' % (os.getpid(), base))
-        return tmp, lambda written: [path + w[len(tmp):] for w in written]
+        mark = '.gluonq-tmp-%d-' % os.getpid()
+        return os.path.join(folder, mark + base), lambda written: [
+            os.path.join(folder, os.path.basename(w)[len(mark):]) for w in written]
 
     jobs = [(args.out, lambda p: gluonq.save_quantized(qnet, p, extra={'summary': summary}))]
     if args.export_fast:
@@ -390,6 +413,8 @@ def _write_outputs(args, qnet, rows, summary):
     if args.onnx:
         jobs.append((args.onnx, lambda p: [gluonq.export_onnx(
             qnet, p, weight_dtype=args.onnx_weights)]))
+    if args.openvino:
+        jobs.append((args.openvino, lambda p: list(gluonq.export_openvino(qnet, p))))
     if args.report_png:
         jobs.append((args.report_png, lambda p: [debug.plot(rows, p)]))
     temps, finals = [], []
