@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gluonq
-from gluonq import cli
+from gluonq import cli, quant
 
 import mnist_models as M
 
@@ -186,10 +186,31 @@ def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
 
 
 # --- every CliError -------------------------------------------------------------------------
+def _small_onnx(path):
+    """A float ONNX classifier for (N, 1, 32, 32) input: Conv+bias, Relu, global pooling,
+    Flatten, Gemm (random weights, seeded)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    r = np.random.RandomState(0)
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in (
+        ('w', r.randn(8, 1, 3, 3) * 0.5), ('b', r.randn(8) * 0.1),
+        ('fw', r.randn(10, 8) * 0.5), ('fb', r.randn(10) * 0.1))]
+    nodes = [helper.make_node('Conv', ['x', 'w', 'b'], ['c'], pads=[1, 1, 1, 1]),
+             helper.make_node('Relu', ['c'], ['r']),
+             helper.make_node('GlobalAveragePool', ['r'], ['p']),
+             helper.make_node('Flatten', ['p'], ['f']),
+             helper.make_node('Gemm', ['f', 'fw', 'fb'], ['y'], transB=1)]
+    graph = helper.make_graph(nodes, 'small', [helper.make_tensor_value_info(
+        'x', TensorProto.FLOAT, ['N', 1, 32, 32])], [helper.make_tensor_value_info(
+            'y', TensorProto.FLOAT, ['N', 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)]), path)
+
+
 def _bad_files(d):
     """Damaged inputs next to the good ones in ``d`` (made once per module)."""
     if (d / 'garbage.npy').exists():
         return
+    _small_onnx(str(d / 'small.onnx'))
     (d / 'garbage.npy').write_bytes(b'not an array')
     (d / 'garbage.params').write_bytes(b'not params')
     np.savez(str(d / 'none.npz'))
@@ -242,9 +263,18 @@ CLI_ERRORS = [
     ('transform-import', lambda a, d, t: a + ['--transform', 'mnist_models:nope'],
      r"--transform: module mnist_models has no 'nope'"),
     ('no-architecture', lambda a, d, t: _no_arch(a),
-     r'give exactly one of --model, --factory, --symbol \(got none\)'),
+     r'give exactly one of --model, --factory, --symbol, --onnx-model \(got none\)'),
     ('two-architectures', lambda a, d, t: a + ['--model', 'cifar_resnet20_v1'],
-     r'give exactly one of --model, --factory, --symbol \(got --model, --factory\)'),
+     r'give exactly one of --model, --factory, --symbol, --onnx-model \(got --model, '
+     r'--factory\)'),
+    ('params-required', lambda a, d, t: a[:4] + a[6:],
+     r'--params \(the float checkpoint\) is required with --model, --factory and --symbol'),
+    ('onnx-with-params', lambda a, d, t: ['--onnx-model', str(d / 'small.onnx')] + _no_arch(a),
+     r'--onnx-model \S+small.onnx carries its weights: drop --params \S+tiny.params'),
+    ('onnx-missing', lambda a, d, t: ['--onnx-model', str(t / 'none.onnx')] + a[6:],
+     r'--onnx-model \S+none.onnx: ONNX file \S+none.onnx not found'),
+    ('openvino-suffix', lambda a, d, t: a + ['--openvino', str(t / 'model.onnx')],
+     r'--openvino \S+model.onnx: an OpenVINO IR path ends in .xml'),
     ('kwargs-json', lambda a, d, t: _with(a, '--model-kwargs', '{name: tiny}'),
      r'--model-kwargs is not valid JSON: Expecting property name'),
     ('kwargs-object', lambda a, d, t: _with(a, '--model-kwargs', '["tiny"]'),
@@ -441,6 +471,27 @@ def test_exports_report_eval_and_overwrite(tiny_ckpt, tmp_path):
     after = {p: open(str(tmp_path / p), 'rb').read() for p in os.listdir(str(tmp_path))}
     assert set(after) == set(before)
     assert after['q.params'] != before['q.params'] and after['q.json'] != before['q.json']
+
+
+def test_onnx_model_in_openvino_out(tiny_ckpt, tmp_path):
+    """--onnx-model converts a float ONNX file (no --params) as import_onnx + quantize_net
+    do, and --openvino writes an IR that OpenVINO runs in agreement with the checkpoint."""
+    ov = pytest.importorskip('openvino')
+    _small_onnx(str(tiny_ckpt / 'small.onnx'))
+    out, xml = tmp_path / 'q', tmp_path / 'ir.xml'
+    argv = ['--onnx-model', str(tiny_ckpt / 'small.onnx'), '--calib',
+            str(tiny_ckpt / 'calib.npz'), '--out', str(out), '--openvino', str(xml), '--quiet']
+    assert cli.main(argv) == 0
+    assert sorted(os.listdir(str(tmp_path))) == ['ir.bin', 'ir.xml', 'q.json', 'q.params']
+    x = np.load(str(tiny_ckpt / 'calib.npz'))['x']
+    api = gluonq.quantize_net(gluonq.import_onnx(str(tiny_ckpt / 'small.onnx'),
+                                                 (1, 1, 32, 32)).net, x, progress=False)
+    got = gluonq.load_quantized(str(out))(mx.nd.array(x)).asnumpy()
+    np.testing.assert_array_equal(got, api(mx.nd.array(x)).asnumpy())
+    cm = ov.Core().compile_model(str(xml), 'CPU')
+    lo = cm({cm.inputs[0]: x})[cm.outputs[0]]
+    assert np.mean(lo.argmax(1) == got.argmax(1)) >= 0.95
+    assert quant.sqnr_db(got, lo) >= 30
 
 
 def test_failure_with_overwrite_keeps_the_old_files(tiny_ckpt, tmp_path, monkeypatch):
