@@ -16,14 +16,18 @@ model built from the QuantizedNet's own steps and integer parameters:
   :func:`ort_u8s8_exact`). Biases are the int32 initializers gluonq computed at
   ``s_in * s_w``; BatchNorm is already folded; no initializer is listed as a graph input;
 * each layer is ``DequantizeLinear -> Conv/Gemm -> QuantizeLinear``, which onnxruntime fuses
-  into QLinearConv / QGemm. A fused ReLU is the uint8 output range itself (QuantizeLinear
-  clamps at zero point 0), so no Relu node is written; on a ReLU'd gluonq int8 tensor (zero
-  point 128) it is an integer ``Max`` after the QuantizeLinear, which keeps the unit fusable;
-  the classifier's float output is ``DQ -> Gemm`` (QGemm with float output);
+  into QLinearConv / QGemm and OpenVINO into int8 convolutions. A fused ReLU is the uint8
+  output range itself (QuantizeLinear clamps at zero point 0), so no Relu node is written;
+  on a ReLU'd gluonq int8 tensor (zero point 128) it is an integer ``Clip`` after the
+  QuantizeLinear, which keeps the unit fusable; the classifier's float output is
+  ``DQ -> Gemm`` (QGemm with float output). A tensor read only by unpadded strided 1x1
+  convolutions is subsampled on the integers first (a MaxPool with a 1x1 kernel), so that
+  OpenVINO keeps those convolutions int8;
 * max pooling, flatten, standalone ReLU and concat of equally quantized inputs run directly
-  on the integer tensors (no Q/DQ around them); average pooling is a depthwise conv with
-  int8 weights of 1 (QLinearConv, rounding like gluonq); add and a requantizing concat are
-  ``DQ -> op -> Q`` (QLinearAdd / QLinearConcat);
+  on the integer tensors (no Q/DQ around them); global average pooling is
+  ``DQ -> GlobalAveragePool -> Q`` (QLinearGlobalAveragePool), other average pooling a
+  depthwise conv with int8 weights of 1 (QLinearConv, rounding like gluonq); add and a
+  requantizing concat are ``DQ -> op -> Q`` (QLinearAdd / QLinearConcat);
 * ops gluonq leaves in float (``FloatOp`` steps) are converted with MXNet's own ONNX
   converters (``mx.onnx``, which needs onnx 1.18.0) one op at a time and spliced in;
   an op they cannot convert raises :class:`ONNXExportError` naming the step.
@@ -218,6 +222,7 @@ class _Builder:
         self.residual_info = {}
         self.weight_scale_info = {}
         self.rows_shape = {}
+        self.subsampled = {}               # (ONNX tensor, strides) -> subsampled _QT
         self.shapes = self._tensor_shapes()
 
     # -- shapes of every tensor from one eager run ----------------------------------------
@@ -268,21 +273,58 @@ class _Builder:
 
     def quantize_relu(self, y, out_key, qp, relu):
         """QuantizeLinear of ``y`` with a fused ReLU if ``relu``. Where the zero point is the
-        bottom of the integer range the saturation is the ReLU; otherwise an integer ``Max``
-        with the zero point follows the quantize (exact: quantization is monotonic and maps
-        0 to the zero point). A float Relu before it would break the DQ -> op -> Q unit
-        that onnxruntime fuses into an int8 kernel."""
+        bottom of the integer range the saturation is the ReLU; otherwise an integer
+        ``Clip`` from the zero point follows the quantize (exact: quantization is monotonic
+        and maps 0 to the zero point). A float Relu before it would break the DQ -> op -> Q
+        unit that onnxruntime fuses into an int8 kernel."""
         if not relu or _zero_point(qp.dtype, self.act_dtype) == \
                 np.iinfo(_np_dtype(self.act_dtype)).min:
             return self.quantize(y, out_key, qp)
         return self.relu_q(self.quantize(y, out_key + '/prerelu', qp), out_key)
 
     def relu_q(self, x, out_key):
-        """ReLU on the integers: ``Max(q, zero point)``."""
+        """ReLU on the integers: ``Clip(q, zero point, top of the type)``. OpenVINO fuses a
+        Clip with scalar bounds into the int8 convolution before it (an integer ``Max``
+        it ran as a separate u8 Eltwise with a Reorder); onnxruntime runs either alone."""
         qt = _QT(self.fresh(out_key), x.qp, self.act_dtype)
-        zero = self.const(qt.name + '/zero', np.array([x.zp], _np_dtype(self.act_dtype)))
-        self.node('Max', [x.name, zero], [qt.name])
+        dt = _np_dtype(self.act_dtype)
+        lo = self.const(qt.name + '/zero', np.array(x.zp, dt))
+        hi = self.const(qt.name + '/top', np.array(np.iinfo(dt).max, dt))
+        self.node('Clip', [x.name, lo, hi], [qt.name])
         return qt
+
+    def _read_subsampled_only(self, key):
+        """Do all readers of gluonq tensor ``key`` take every n-th pixel only: unpadded 1x1
+        convolutions with the same strides, some > 1 (ResNet v1's downsampling blocks)?
+
+        OpenVINO moves the strides of such readers up through the DequantizeLinear (it
+        inserts a pooling between the two) and then runs those convolutions in bf16 or
+        float, also on the anchors' own QDQ models. Subsampled on the integers first
+        (:meth:`subsample`), they stay int8 and share the one subsampling."""
+        if key in self.spec['outputs']:
+            return False
+        strides = set()
+        for st in self.spec['steps']:
+            if key not in st['inputs']:
+                continue
+            kw = getattr(self.qnet._children[st['name']], '_kwargs', {})
+            if not st['block'].startswith('QuantizedConv') or st['inputs'].index(key) != 0 \
+                    or key in st['inputs'][1:] or any(d != 1 for d in kw['kernel']) or \
+                    any(kw['pad']):
+                return False
+            strides.add(tuple(kw['stride']))
+        return len(strides) == 1 and max(next(iter(strides))) > 1
+
+    def subsample(self, x, strides):
+        """Every ``strides``-th value of the integer tensor ``x`` (a MaxPool with a 1-pixel
+        kernel, exact), written once per tensor and strides."""
+        key = (x.name, tuple(strides))
+        if key not in self.subsampled:
+            qt = _QT(self.fresh(x.name + '/subsample'), x.qp, self.act_dtype)
+            self.node('MaxPool', [x.name], [qt.name], kernel_shape=[1] * len(strides),
+                      strides=list(strides))
+            self.subsampled[key] = qt
+        return self.subsampled[key]
 
     def dequantize(self, qt, out_name=None):
         """A fresh DequantizeLinear of ``qt`` (one per consumer, as QDQ node units want)."""
@@ -449,14 +491,18 @@ class _Builder:
             flat = _QT(self.fresh(name + '/flatten'), x.qp, self.act_dtype)
             self.node('Flatten', [x.name], [flat.name], axis=1 if block._flatten else in_rank - 1)
             x_in = flat
+        k = None if is_dense else block._kwargs
+        strides = None if is_dense else list(k['stride'])
+        if not is_dense and self._read_subsampled_only(step['inputs'][0]):
+            x_in = self.subsample(x_in, strides)
+            strides = [1] * len(strides)
         x_dq = self.dequantize(x_in)
         y = self.fresh(name + ('/conv' if not is_dense else '/gemm'))
         if is_dense:
             self.node('Gemm', [x_dq, w_dq] + ([b_dq] if b_dq else []), [y], transB=1)
         else:
-            k = block._kwargs
             self.node('Conv', [x_dq, w_dq] + ([b_dq] if b_dq else []), [y],
-                      kernel_shape=list(k['kernel']), strides=list(k['stride']),
+                      kernel_shape=list(k['kernel']), strides=strides,
                       pads=list(k['pad']) * 2, dilations=list(k['dilate']),
                       group=int(k['num_group']))
         out_key = step['outputs'][0]
@@ -609,11 +655,28 @@ class _Builder:
                       pads=pad * 2, ceil_mode=ceil)
             self.env[out_key] = qt
             return
-        if not k['global_pool'] and not k.get('count_include_pad', True):
+        if k['global_pool']:
+            self.env[out_key] = self._global_avg_pool(step['name'], x, out_key)
+            return
+        if not k.get('count_include_pad', True):
             raise ONNXExportError('step %r: int8 average pooling with count_include_pad='
                                   'False has no exact ONNX form' % step['name'])
         self.env[out_key] = self._avg_pool_as_conv(step['name'], x, in_shape, kernel,
                                                    stride, pad, ceil, out_key)
+
+    def _global_avg_pool(self, name, x, out_key):
+        """Global average pooling as ``DQ -> GlobalAveragePool -> Q`` at the input's scale:
+        onnxruntime fuses it into QLinearGlobalAveragePool and OpenVINO into a u8 Reduce.
+
+        onnxruntime computes ``round_half_even(float32(sum) * float32(s / float32(s * n)))``
+        for ``n`` pixels: for ``n`` a power of two the multiplier is exactly ``1 / n``, and
+        for odd ``n`` ``sum / n`` lies at least ``1 / (2 n)`` from a tie, far beyond float32
+        error, so both give gluonq's integers. For other ``n`` (e.g. 196 = 14 x 14) a sum
+        that is exactly a tie can round one step the other way.
+        """
+        y = self.fresh(name + '/avgpool')
+        self.node('GlobalAveragePool', [self.dequantize(x)], [y])
+        return self.quantize(y, out_key, x.qp)
 
     def _avg_pool_as_conv(self, name, x, in_shape, kernel, stride, pad, ceil, out_key):
         """Average pooling as a depthwise QLinearConv with all-ones int8 weights.

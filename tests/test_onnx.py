@@ -357,9 +357,12 @@ def test_ort_fuses_int8_kernels(zoo, tmp_path):
     ops = _ort_ops(gonnx.to_onnx(zoo), tmp_path)
     steps = zoo.spec['steps']
     n_conv = sum(s['block'] == 'QuantizedConv2D' for s in steps)
-    n_avg = sum(s['block'] == 'QuantizedPooling' and
-                zoo._children[s['name']]._kwargs['pool_type'] == 'avg' for s in steps)
+    pools = [zoo._children[s['name']]._kwargs for s in steps if s['block'] == 'QuantizedPooling']
+    n_avg = sum(k['pool_type'] == 'avg' and not k['global_pool'] for k in pools)
+    n_gap = sum(k['pool_type'] == 'avg' and k['global_pool'] for k in pools)
+    assert n_avg and n_gap
     assert ops.count('QLinearConv') == n_conv + n_avg          # avg pools: depthwise convs
+    assert ops.count('QLinearGlobalAveragePool') == n_gap
     assert 'Conv' not in ops and 'FusedConv' not in ops          # no float convolution
     assert ops.count('QLinearAdd') == 3                          # 2 residual + 1 add
     assert 'QGemm' in ops and 'Gemm' not in ops
