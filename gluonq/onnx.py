@@ -53,6 +53,9 @@ are then identical. What still differs:
   steps (:func:`residual_intermediates` lists ``s_c``);
 * unfused add and requantizing concat use onnxruntime's arithmetic (22-bit fixed-point
   multipliers, lookup tables): equal except at rounding ties;
+* average pooling over ``n`` values: equal where ``n`` is odd or a power of two; for other
+  ``n`` (a 14 x 14 global pool, a 2 x 3 kernel) a sum exactly at a tie can round one step
+  the other way;
 * a float output (the classifier) is ``float32(acc) * (s_x * s_w)`` in onnxruntime and
   ``float32(acc) / (inv_x * inv_w)`` in gluonq: equal within a few float32 ulps.
 
@@ -684,8 +687,9 @@ class _Builder:
         gluonq (MXNet's int8 pooling) rounds ``sum / count`` half to even. onnxruntime's
         QLinearConv does the same with the multiplier ``s_x * s_w / s_y``; with
         ``s_y == s_x`` the weight scale is chosen so that the multiplier is exactly
-        ``float32(1 / count)``. For a power-of-two count that is exact; for any other count
-        ``sum / count`` is never within float32 error of a tie. (onnxruntime's own
+        ``float32(1 / count)``. For a power-of-two count that is exact; for an odd count
+        ``sum / count`` is never within float32 error of a tie; for other counts (6, 12,
+        ...) a sum exactly at a tie can round one step the other way. (onnxruntime's own
         QLinearAveragePool rounds ties differently.)
         """
         c = in_shape[1]
