@@ -22,3 +22,15 @@ settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
 def _seed():
     mx.random.seed(0)
     np.random.seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        'markers', 'onednn: takes a branch that depends on the CPU kind of oneDNN int8 '
+        'kernels (VNNI or not); tests/test_cpu_kinds.py re-runs these tests with '
+        'DNNL_MAX_CPU_ISA=AVX512_CORE where the CPU has VNNI')
+
+
+def pytest_report_header(config):
+    from gluonq import lower
+    return 'oneDNN int8 kernels exact (VNNI): %s' % lower.int8_kernels_exact()

@@ -283,6 +283,7 @@ def _eval(sym, args):
                                                          if k in sym.list_arguments()}).forward()]
 
 
+@pytest.mark.onednn
 def test_pin_onednn_add_misreads_casts_of_onednn_tensors():
     """MXNet 1.9.1: a float tensor cast from a oneDNN-layout int32 tensor, added with
     oneDNN's ``elemwise_add``, is misread; ``broadcast_add`` is right. The lowering rewrites
@@ -350,6 +351,7 @@ def test_pin_float_readers_of_int8_ops_without_gradient_need_a_barrier():
                                              mx_rng=(r[1], r[2]))), 'a')
 
 
+@pytest.mark.onednn
 def test_pin_fused_conv_without_range_returns_exact_int32_with_per_tensor_weights():
     """No calibrated output range: the fused conv quantizes its weights per TENSOR
     (127.5 / max|w|) and returns the raw int32 accumulator -- exact with VNNI, and on any
@@ -364,6 +366,7 @@ def test_pin_fused_conv_without_range_returns_exact_int32_with_per_tensor_weight
             np.testing.assert_array_equal(out, quant.conv_int_np(x, q, 1, 1))
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize('ic,oc,dtype', [(8, 8, 'uint8'), (24, 24, 'uint8'), (4, 24, 'int8'),
                                          (24, 8, 'int8')])
 def test_pin_fused_conv_worst_case_is_exact_with_vnni_only(ic, oc, dtype):
@@ -382,6 +385,7 @@ def test_pin_fused_conv_worst_case_is_exact_with_vnni_only(ic, oc, dtype):
         np.testing.assert_array_equal(out, quant.conv_int_np(x, np.full_like(q, 128), 1, 1))
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize('dtype,groups', [('uint8', 1), ('int8', 1), ('uint8', 4),
                                           ('int8', 4), ('uint8', 16), ('int8', 16)])
 def test_pin_fused_conv_integers_follow_the_cpu_model(dtype, groups):
@@ -397,6 +401,7 @@ def test_pin_fused_conv_integers_follow_the_cpu_model(dtype, groups):
                                   quant.onednn_conv_np(x, q, 1, 1, 1, groups, vnni=VNNI))
 
 
+@pytest.mark.onednn
 def test_pin_fused_sum_is_a_fused_multiply_add():
     """oneDNN adds the residual term as ``fma(q_r, m_r, f32(acc * m))`` (one rounding), which
     is what gluonq's reference requantize does for a fused residual: the lowered graph of a
@@ -443,6 +448,7 @@ def test_pin_fused_sum_is_a_fused_multiply_add():
 # ---------------------------------------------------------------------------------------
 # exactness
 # ---------------------------------------------------------------------------------------
+@pytest.mark.onednn
 @pytest.mark.parametrize('name', ['tiny', 'incres', 'resnet20', 'mobilenetv2_0.25',
                                   'special'])
 def test_exact_lowering_equals_reference_chain_at_every_int8_tensor(name):
@@ -462,6 +468,7 @@ def test_exact_lowering_equals_reference_chain_at_every_int8_tensor(name):
     assert kinds.get(EXACT_CONV, 0) >= 1
 
 
+@pytest.mark.onednn
 def test_special_paths_take_their_lowering():
     qnet, _ = _qnet('special')
     low = L.lower(qnet, exact=True)
@@ -521,6 +528,7 @@ def _handmade_net():
     return qnet, (r.rand(6, 4, 8, 8) * m0).astype(f32)
 
 
+@pytest.mark.onednn
 def test_int8_add_and_concat_run_as_mxnet_ops_exactly():
     qnet, x = _handmade_net()
     low = L.lower(qnet, exact=True)
@@ -537,6 +545,7 @@ def test_int8_add_and_concat_run_as_mxnet_ops_exactly():
     assert not np.array_equal(got['c'][:, 8:], got['b'])
 
 
+@pytest.mark.onednn
 def test_per_tensor_weights_and_excluded_layers_stay_exact():
     qnet, x = _qnet('incres', per_channel=False, exclude=['*net[0-9]_convbn0_conv0*'])
     low = L.lower(qnet, exact=True)
@@ -547,6 +556,7 @@ def test_per_tensor_weights_and_excluded_layers_stay_exact():
     _assert_same(got, env, keys)
 
 
+@pytest.mark.onednn
 @pytest.mark.parametrize('name', ['incres', 'resnet20', 'mobilenetv2_0.25'])
 def test_fast_lowering_differs_only_at_rounding_ties(name):
     qnet, x = _qnet(name)
@@ -591,6 +601,7 @@ def test_graph_is_fused_int8_without_dequantize_quantize_pairs():
 # ---------------------------------------------------------------------------------------
 # hybridize and export
 # ---------------------------------------------------------------------------------------
+@pytest.mark.onednn
 def test_hybridize_runs_the_fast_graph_and_follows_parameter_changes(tmp_path):
     qnet, x = _qnet('tiny')
     prefix = str(tmp_path / 'q')
@@ -641,6 +652,7 @@ _LOADER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.onednn
 def test_exports_load_in_stock_mxnet_without_gluonq(tmp_path):
     """The fast export, the exact int8-weight fast export and the compact export of a
     converted network load through SymbolBlock.imports and mx.mod.Module in a process
