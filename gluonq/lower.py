@@ -46,7 +46,10 @@ and why:
   channel g to all of group g), all-zero weight channels, per-tensor weights where a channel
   has no +-127, a weight channel without an exact fp32 image (``quant._fused_exact_scales``
   misses the scales at float32 binade edges) -> int32;
-* 1-d/3-d convolutions, dense with ``flatten=False``, dynamic ranges -> reference.
+* 1-d/3-d convolutions, dynamic ranges, dense with a residual add
+  (``_sg_mkldnn_fully_connected`` has no fused sum) -> reference. A dense layer on
+  sequences (``flatten=False``) fuses like any other: the kernel works on the (rows,
+  features) view and gives the same integers (tests/test_transformer.py).
 
 **exact=True vs exact=False** (the fast path's default). gluonq's reference arithmetic is
 built to match the kernels: its requantize adds a fused residual with one rounding, as
@@ -728,7 +731,12 @@ class _Lowerer:
         elif kind == 'flatten':
             r = mx.sym.contrib.quantized_flatten(x.data, lo, hi, name=name)
         elif kind == 'shape':
-            r = (block.apply(mx.sym, x.data), lo, hi)
+            r = block.apply(mx.sym, x.data)
+            if block.num_outputs > 1:      # a split: every part keeps the input's range
+                self.set_out(step, [x.like(k, r[i], x.mx)
+                                    for i, k in enumerate(step['outputs'])])
+                return self.note(step, 'mxnet-op')
+            r = (r, lo, hi)
         else:
             r = mx.sym.contrib.quantized_act(x.data, lo, hi, act_type='relu', name=name)
         self.set_out(step, x.like(step['outputs'][0], r[0], (r[1], r[2])))
@@ -917,8 +925,6 @@ class _Lowerer:
             why = 'dynamic input range'
         elif is_conv and block._kwargs['layout'] != 'NCHW':
             why = 'layout'
-        elif not is_conv and not block._flatten:
-            why = 'dense with flatten=False'
         elif block._out_dtype != 'float32' and block._out_q is None:
             why = 'dynamic output range'
         if why:
@@ -1026,7 +1032,7 @@ class _Lowerer:
             sub.append({'op': 'Convolution', 'name': name + '_conv', 'attrs': lattrs,
                         'inputs': [[i, 0, 0] for i in range(len(sub))]})
         else:
-            lattrs.update(num_hidden=str(C), flatten='True')
+            lattrs.update(num_hidden=str(C), flatten=str(bool(block._flatten)))
             sub.append({'op': 'FullyConnected', 'name': name + '_fc', 'attrs': lattrs,
                         'inputs': [[i, 0, 0] for i in range(len(sub))]})
         relu = mode in ('requant', 'float') and (act == 'relu' or out_dt == 'uint8')

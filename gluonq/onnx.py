@@ -226,18 +226,30 @@ class _Builder:
         self.weight_scale_info = {}
         self.rows_shape = {}
         self.subsampled = {}               # (ONNX tensor, strides) -> subsampled _QT
-        self.shapes = self._tensor_shapes()
+        self.shapes = self._tensor_shapes(self.input_shape)
+        self._other_batch_shapes = None
 
     # -- shapes of every tensor from one eager run ----------------------------------------
-    def _tensor_shapes(self):
+    def _tensor_shapes(self, input_shape):
         import mxnet as mx
-        x = mx.nd.zeros(self.input_shape)
+        x = mx.nd.zeros(input_shape)
         env = self.qnet.forward_all(x)
         shapes = {}
         for k, v in env.items():
             d = v[0] if isinstance(v, (list, tuple)) else v
             shapes[k] = tuple(d.shape)
         return shapes
+
+    def batch_dims(self, key):
+        """Axes of tensor ``key`` whose size follows the batch size (from a second eager
+        run at another batch size); none without ``dynamic_batch``."""
+        if not self.dynamic_batch:
+            return []
+        if self._other_batch_shapes is None:
+            self._other_batch_shapes = self._tensor_shapes((self.input_shape[0] + 1,) +
+                                                           self.input_shape[1:])
+        return [i for i, (a, c) in enumerate(zip(self.shapes[key],
+                                                  self._other_batch_shapes[key])) if a != c]
 
     # -- naming and small helpers ---------------------------------------------------------
     def fresh(self, base):
@@ -510,12 +522,14 @@ class _Builder:
                       group=int(k['num_group']))
         out_key = step['outputs'][0]
         if rows_view:
-            if residual:
-                raise ONNXExportError('step %r: a residual add on a dense layer with '
-                                      'flatten=False is not supported' % name)
             self._rows_view_shape(name, x.name, units)
         if residual:
             r = self.env[step['inputs'][1]]
+            if rows_view:         # the residual as (rows, units) too, integers or float
+                r_rows = self.fresh(name + '/residual_rows')
+                self.node('Flatten', [r.name if isinstance(r, _QT) else r], [r_rows],
+                          axis=in_rank - 1)
+                r = _QT(r_rows, r.qp, self.act_dtype) if isinstance(r, _QT) else r_rows
             if out_qp is not None and isinstance(r, _QT):
                 # round the conv result to an 8-bit intermediate whose saturation never
                 # changes the final result, then add (QLinearAdd)
@@ -530,7 +544,7 @@ class _Builder:
                 y = y2
             else:
                 y2 = self.fresh(name + '/add')
-                self.node('Add', [y, self.as_float(step['inputs'][1])], [y2])
+                self.node('Add', [y, self.dequantize(r) if isinstance(r, _QT) else r], [y2])
                 y = y2
         if out_qp is None:
             if relu:
@@ -756,6 +770,13 @@ class _Builder:
         out_key = step['outputs'][0]
         self.env[out_key] = x if x.qp.dtype == 'uint8' else self.relu_q(x, out_key)
 
+    def _step_QuantizedShapeOp(self, step, block):
+        """The shape operator on the integer tensor (no Q/DQ): the same integers, moved."""
+        x = self.as_q(step['inputs'][0], step)
+        for key, out in zip(step['outputs'], _shape_op(self, step, block, x.name)):
+            qt = _QT(out, x.qp, self.act_dtype)
+            self.env[key] = qt
+
     def _step_FloatOp(self, step, block):
         _float_op(self, step, block)
 
@@ -772,9 +793,226 @@ class _QTRaw(_QT):
 
 
 # ---------------------------------------------------------------------------------------
+# shape operators (on integer or float tensors) and float ops mx.onnx cannot convert
+# ---------------------------------------------------------------------------------------
+_INT64_MAX, _INT64_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+
+
+def _lit(v, default=None):
+    """An MXNet attribute (a symbol-JSON string such as ``'(None, 2)'`` or a Python value)
+    as a Python value."""
+    import ast
+    if v is None:
+        return default
+    if isinstance(v, str):
+        v = v.strip()
+        if v in ('', 'None'):
+            return default
+        return ast.literal_eval(v)
+    return v
+
+
+def _ints(b, base, values):
+    return b.const(base, np.asarray(values, np.int64))
+
+
+def _shape_reshape(b, step, block, x):
+    """Reshape to the known output shape; the one axis that follows the batch size (MXNet
+    codes 0, -1, -2, -3, -4 resolved by the eager shape runs) is written as -1."""
+    key = step['outputs'][0]
+    shape = list(b.shapes[key])
+    dyn = b.batch_dims(key)
+    if len(dyn) > 1:
+        raise ONNXExportError('step %r: reshape to %s with %d axes that follow the batch '
+                              'size; export with dynamic_batch=False' % (step['name'],
+                                                                          tuple(shape), len(dyn)))
+    for i in dyn:
+        shape[i] = -1
+    y = b.fresh(key)
+    b.node('Reshape', [x, _ints(b, step['name'] + '/shape', shape)], [y])
+    return [y]
+
+
+def _shape_transpose(b, step, block, x):
+    nd = len(b.shapes[step['inputs'][0]])
+    if block._op == 'transpose':
+        perm = list(_lit(block._attrs.get('axes'), ()) or range(nd)[::-1])
+    else:                                               # SwapAxis / swapaxes
+        perm = list(range(nd))
+        d1, d2 = (int(_lit(block._attrs.get(k), 0)) for k in ('dim1', 'dim2'))
+        perm[d1], perm[d2] = perm[d2], perm[d1]
+    y = b.fresh(step['outputs'][0])
+    b.node('Transpose', [x], [y], perm=[p % nd for p in perm])
+    return [y]
+
+
+def _shape_expand_dims(b, step, block, x):
+    y = b.fresh(step['outputs'][0])
+    b.node('Unsqueeze', [x, _ints(b, step['name'] + '/axes', [int(_lit(block._attrs['axis']))])],
+           [y])
+    return [y]
+
+
+def _shape_squeeze(b, step, block, x):
+    axis = _lit(block._attrs.get('axis'))
+    y = b.fresh(step['outputs'][0])
+    if axis is None:                       # every axis of size 1, as MXNet at run time
+        b.node('Squeeze', [x], [y])
+    else:
+        axes = [axis] if isinstance(axis, int) else list(axis)
+        b.node('Squeeze', [x, _ints(b, step['name'] + '/axes', axes)], [y])
+    return [y]
+
+
+def _shape_slice(b, step, block, x):
+    """``slice`` / ``crop`` (begin, end, step tuples with None) and ``slice_axis``."""
+    a = block._attrs
+    if block._op == 'slice_axis':
+        begin, end, steps = [_lit(a.get('begin'))], [_lit(a.get('end'))], [1]
+        axes = [int(_lit(a['axis']))]
+    else:
+        begin, end = list(_lit(a['begin'])), list(_lit(a['end']))
+        steps = list(_lit(a.get('step'), ()) or ()) + [None] * len(begin)
+        steps = [1 if st is None else int(st) for st in steps[:len(begin)]]
+        axes = list(range(len(begin)))
+    starts = [(0 if st > 0 else _INT64_MAX) if v is None else int(v)
+              for v, st in zip(begin, steps)]
+    ends = [(_INT64_MAX if st > 0 else _INT64_MIN) if v is None else int(v)
+            for v, st in zip(end, steps)]
+    name = step['name']
+    y = b.fresh(step['outputs'][0])
+    b.node('Slice', [x, _ints(b, name + '/starts', starts), _ints(b, name + '/ends', ends),
+                     _ints(b, name + '/axes', axes), _ints(b, name + '/steps', steps)], [y])
+    return [y]
+
+
+def _shape_split(b, step, block, x):
+    """``SliceChannel`` / ``split``: equal parts along ``axis``, squeezed with
+    ``squeeze_axis``."""
+    a = block._attrs
+    n = int(_lit(a['num_outputs']))
+    axis = int(_lit(a.get('axis'), 1))
+    squeeze = bool(_lit(a.get('squeeze_axis'), False))
+    parts = [b.fresh(k + ('/part' if squeeze else '')) for k in step['outputs']]
+    b.node('Split', [x], parts, axis=axis, **({'num_outputs': n} if b.opset >= 18 else {}))
+    if not squeeze:
+        return parts
+    outs = []
+    for k, part in zip(step['outputs'], parts):
+        y = b.fresh(k)
+        b.node('Squeeze', [part, _ints(b, step['name'] + '/axes', [axis])], [y])
+        outs.append(y)
+    return outs
+
+
+#: MXNet shape operator -> ONNX nodes on a tensor of any type (the names ``SHAPE_OPS``
+#: of gluonq.nn.shape_ops)
+_SHAPE_HANDLERS = {'Reshape': _shape_reshape, 'reshape': _shape_reshape,
+                   'transpose': _shape_transpose, 'SwapAxis': _shape_transpose,
+                   'swapaxes': _shape_transpose, 'expand_dims': _shape_expand_dims,
+                   'squeeze': _shape_squeeze, 'slice': _shape_slice, 'crop': _shape_slice,
+                   'slice_axis': _shape_slice, 'SliceChannel': _shape_split,
+                   'split': _shape_split}
+
+
+def _shape_op(b, step, block, x):
+    """ONNX output names of the shape operator ``block._op`` applied to tensor ``x``."""
+    handler = _SHAPE_HANDLERS.get(block._op)
+    if handler is None:
+        raise ONNXExportError('step %r: no ONNX converter for shape operator %s'
+                              % (step['name'], block._op))
+    return handler(b, step, block, x)
+
+
+def _reduce_mean(b, x, out, axes, keepdims):
+    """ReduceMean over ``axes`` (None: all): an attribute before opset 18, an input since."""
+    if axes is None:
+        b.node('ReduceMean', [x], [out], keepdims=int(keepdims))
+    elif b.opset >= 18:
+        b.node('ReduceMean', [x, _ints(b, out + '/axes', axes)], [out], keepdims=int(keepdims))
+    else:
+        b.node('ReduceMean', [x], [out], axes=list(axes), keepdims=int(keepdims))
+
+
+def _param_inits(b, step, block):
+    """``{input position: initializer name}`` of a FloatOp's parameters."""
+    return {pos: b.const(step['name'] + '/' + pname,
+                         block._reg_params[pname].data().asnumpy().astype(np.float32))
+            for pos, pname in block._param_pos}
+
+
+def _float_layernorm(b, step, block, ins):
+    """LayerNorm: ``(x - mean) / sqrt(var + eps) * gamma + beta`` over ``axis``, the
+    pattern onnxruntime fuses into its LayerNormalization kernel."""
+    a = block._attrs
+    if bool(_lit(a.get('output_mean_var'), False)):
+        raise ONNXExportError('step %r: LayerNorm with output_mean_var=True' % step['name'])
+    name, (x,) = step['name'], ins
+    nd = len(b.shapes[step['inputs'][0]])
+    axis = int(_lit(a.get('axis'), -1)) % nd
+    p = _param_inits(b, step, block)
+    gamma, beta = p[1], p[2]
+    if axis != nd - 1:                         # per-channel parameters broadcast over axis
+        shp = _ints(b, name + '/param_shape', [-1] + [1] * (nd - 1 - axis))
+        g2, b2 = b.fresh(name + '/gamma_b'), b.fresh(name + '/beta_b')
+        b.node('Reshape', [gamma, shp], [g2])
+        b.node('Reshape', [beta, shp], [b2])
+        gamma, beta = g2, b2
+    mean, d, sq, var, ve, std, xn, xg = (b.fresh(name + '/' + t) for t in (
+        'mean', 'centered', 'sq', 'var', 'var_eps', 'std', 'normed', 'scaled'))
+    _reduce_mean(b, x, mean, [axis], True)
+    b.node('Sub', [x, mean], [d])
+    b.node('Pow', [d, b.const(name + '/two', np.array(2.0, np.float32))], [sq])
+    _reduce_mean(b, sq, var, [axis], True)
+    eps = float(_lit(a.get('eps'), 1e-5))
+    b.node('Add', [var, b.const(name + '/eps', np.array(eps, np.float32))], [ve])
+    b.node('Sqrt', [ve], [std])
+    b.node('Div', [d, std], [xn])
+    b.node('Mul', [xn, gamma], [xg])
+    y = b.fresh(step['outputs'][0])
+    b.node('Add', [xg, beta], [y])
+    return [y]
+
+
+def _float_mean(b, step, block, ins):
+    a = block._attrs
+    nd = len(b.shapes[step['inputs'][0]])
+    axis = _lit(a.get('axis'))
+    axes = None if axis in (None, ()) else sorted(
+        v % nd for v in ([axis] if isinstance(axis, int) else axis))
+    if bool(_lit(a.get('exclude'), False)):
+        axes = [i for i in range(nd) if i not in (axes or [])]
+    y = b.fresh(step['outputs'][0])
+    _reduce_mean(b, ins[0], y, axes, bool(_lit(a.get('keepdims'), False)))
+    return [y]
+
+
+def _float_erf(b, step, block, ins):
+    y = b.fresh(step['outputs'][0])
+    b.node('Erf', ins, [y])
+    return [y]
+
+
+def _float_shape(b, step, block, ins):
+    return _shape_op(b, step, block, ins[0])
+
+
+#: float ops written by gluonq itself: mx.onnx writes ReduceMean in a form onnx 1.18's
+#: checker refuses (LayerNorm, mean), has no erf, and no reshape codes -3 / -4
+_FLOAT_HANDLERS = dict({op: _float_shape for op in _SHAPE_HANDLERS},
+                       LayerNorm=_float_layernorm, mean=_float_mean, erf=_float_erf)
+
+
+# ---------------------------------------------------------------------------------------
 # float ops: MXNet's own ONNX converters, one op at a time
 # ---------------------------------------------------------------------------------------
 def _float_op(b, step, block):
+    handler = _FLOAT_HANDLERS.get(block._op)
+    if handler is not None:
+        outs = handler(b, step, block, [b.as_float(k) for k in step['inputs']])
+        for key, out in zip(step['outputs'], outs):
+            b.env[key] = out
+        return
     import mxnet as mx
     from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
     from .convert.qnet import _find_op

@@ -148,7 +148,7 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
                              % (unknown, [n.name for n in graph.op_nodes()][:5]))
     # tensors to observe: outputs of int8 units that produce their own range, and float
     # tensors that an int8 unit reads (they get a Quantize step)
-    producer = {u.output: u for u in units}
+    producer = {e: u for u in units for e in u.outputs}
     observed = []
     for u in units:
         if u.is_int8 and u.kind in ('conv', 'dense', 'add', 'concat', 'matmul'):
@@ -206,7 +206,8 @@ def _propagate_qparams(units, producer, qparams):
             out = qparams[u.output]
             qparams[u.output] = quant.QParams('int8', -out.max, out.max)
         elif u.kind in ('pool', 'flatten', 'relu', 'shape'):
-            qparams[u.output] = qparams[u.inputs[0]]
+            for e in u.outputs:
+                qparams[e] = qparams[u.inputs[0]]
         elif u.kind == 'concat':
             out = qparams[u.output]
             # an int8 layer feeding only this concat writes the concat's range directly,
@@ -232,7 +233,7 @@ def _fkey(e):
 
 def _build_spec(graph, units, qparams, per_channel, act_dtype):
     """Steps of the QuantizedNet and the float values its parameters are made from."""
-    producer = {u.output: u for u in units}
+    producer = {e: u for u in units for e in u.outputs}
     steps, values, used, report = [], {}, set(), []
     have = {}                                   # (edge, 'q'/'f') -> tensor key
 
@@ -300,7 +301,7 @@ def _build_spec(graph, units, qparams, per_channel, act_dtype):
         else:
             block, cfg, vals, ins = _float_config(graph, u, ins)
             values[name] = vals
-        outs = [edge_key(u.output)]
+        outs = [edge_key(e) for e in u.outputs]
         if u.kind == 'float':
             nout = len(u.node.shapes or [None])
             outs = [edge_key((u.node.name, i)) for i in range(nout)]
@@ -330,8 +331,9 @@ def _layer_config(graph, u, qparams, out_qp, per_channel):
     w = graph.params[graph.param_of(node, 1)]
     has_bias = not node.bool_attr('no_bias', False)
     b = graph.params[graph.param_of(node, 2)] if has_bias else None
-    in_qp = qparams[u.inputs[0]]
-    common = {'in_dtype': in_qp.dtype, 'in_range': [in_qp.min, in_qp.max],
+    in_qp = qparams.get(u.inputs[0])      # None: dynamic, the range of each input
+    common = {'in_dtype': in_qp.dtype if in_qp else u.dynamic_dtypes[0],
+              'in_range': [in_qp.min, in_qp.max] if in_qp else None,
               'out_dtype': out_qp.dtype if out_qp else 'float32',
               'out_range': [out_qp.min, out_qp.max] if out_qp else None,
               'per_channel': bool(per_channel), 'residual': u.residual is not None,
@@ -352,12 +354,14 @@ def _layer_config(graph, u, qparams, out_qp, per_channel):
 
 def _matmul_config(u, qparams, out_qp):
     """A QuantizedMatMul step: the float op's flags and alpha times the folded scalar; the
-    operands arrive quantized (QTensors with their calibrated ranges)."""
+    operands arrive quantized (QTensors with their calibrated ranges), or float in dynamic
+    mode (quantized with the range of each operand)."""
     n = u.node
-    qa, qb = (qparams[e] for e in u.inputs)
+    da, db = (qparams[e].dtype if e in qparams else u.dynamic_dtypes[i]
+              for i, e in enumerate(u.inputs))
     return {'transpose_a': n.bool_attr('transpose_a'), 'transpose_b': n.bool_attr('transpose_b'),
-            'alpha': float(n.attr('alpha', '1.0')) * u.alpha, 'a_dtype': qa.dtype,
-            'b_dtype': qb.dtype, 'out_dtype': out_qp.dtype if out_qp else 'float32',
+            'alpha': float(n.attr('alpha', '1.0')) * u.alpha, 'a_dtype': da,
+            'b_dtype': db, 'out_dtype': out_qp.dtype if out_qp else 'float32',
             'out_range': [out_qp.min, out_qp.max] if out_qp else None}
 
 

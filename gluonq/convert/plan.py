@@ -13,7 +13,7 @@ import numpy as np
 
 from .fold import SCALAR_ARITH, affine_problem, constant_operand
 from ..nn.matmul import MATMUL_OPS
-from ..nn.shape_ops import SHAPE_OPS
+from ..nn.shape_ops import SHAPE_OPS, SPLIT_OPS
 from .graph import parse_tuple
 
 __all__ = ['Unit', 'make_plan', 'ADD_OPS']
@@ -40,6 +40,15 @@ class Unit:
         self.out_q = False                # output stays int8
         self.in_q = []                    # per input: consumed as int8
         self.alpha = 1.0                  # matmul: factor of a fused scalar * or /
+        self.num_outputs = 1              # a split (shape unit) produces several
+        self.dynamic_dtypes = None        # dynamic mode: integer type of each input
+
+    @property
+    def outputs(self):
+        """Every edge the unit produces (``output``, or each output of a split)."""
+        if self.num_outputs == 1:
+            return [self.output]
+        return [(self.node.name, i) for i in range(self.num_outputs)]
 
     @property
     def is_int8(self):
@@ -48,7 +57,7 @@ class Unit:
     def describe(self):
         if self.kind == 'float':
             return 'float'
-        parts = ['int8 %s' % self.kind]
+        parts = ['int8 %s' % self.kind + (' (dynamic ranges)' if self.dynamic_dtypes else '')]
         if self.residual is not None:
             parts.append('+ residual add')
         if self.act is not None:
@@ -227,7 +236,10 @@ def make_plan(graph, exclude=()):
                 unit.output = (nxt.name, 0)
             units.append(unit)
         elif node.op in SHAPE_OPS:
-            units.append(Unit('shape', node, data_inputs))
+            unit = Unit('shape', node, data_inputs)
+            if node.op in SPLIT_OPS:
+                unit.num_outputs = int(node.attr('num_outputs'))
+            units.append(unit)
         elif node.op in ('Flatten', 'flatten'):
             units.append(Unit('flatten', node, data_inputs))
         elif _relu_like(node) == 'relu':
@@ -368,7 +380,7 @@ def _decide_int8_tensors(graph, units):
             continue
         kept.append(u)
         if u.is_int8:
-            int8_edges.add(u.output)
+            int8_edges.update(u.outputs)
     # a unit's output stays int8 if an int8 unit reads it
     readers = set()
     for u in kept:
@@ -393,7 +405,7 @@ def _decide_int8_tensors(graph, units):
 
 def _topological(units):
     """Units ordered so that every input is produced before it is read (stable)."""
-    producer = {u.output: u for u in units}
+    producer = {e: u for u in units for e in u.outputs}
     done, order = set(), []
     visiting = set()
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from ._base import QTensor, QuantizedBlock
 
-__all__ = ['QuantizedShapeOp', 'SHAPE_OPS']
+__all__ = ['QuantizedShapeOp', 'SHAPE_OPS', 'SPLIT_OPS']
 
+#: MXNet operators that cut a tensor into ``num_outputs`` equal parts
+SPLIT_OPS = ('SliceChannel', 'split')
 #: MXNet operators (symbol-JSON names) that only move elements
 SHAPE_OPS = ('Reshape', 'reshape', 'transpose', 'SwapAxis', 'swapaxes', 'expand_dims',
-             'squeeze', 'slice', 'slice_axis', 'crop')
+             'squeeze', 'slice', 'slice_axis', 'crop') + SPLIT_OPS
 
 
 class QuantizedShapeOp(QuantizedBlock):
@@ -26,7 +28,8 @@ class QuantizedShapeOp(QuantizedBlock):
         - **data**: QTensor of any shape the operator takes.
 
     Outputs:
-        - **out**: QTensor of the operator's output shape, same dtype and range.
+        - **out**: QTensor of the operator's output shape, same dtype and range; a split
+          (:data:`SPLIT_OPS`) returns a list of ``num_outputs`` QTensors.
     """
 
     def __init__(self, op, attrs=None, **kwargs):
@@ -42,9 +45,16 @@ class QuantizedShapeOp(QuantizedBlock):
         fn = getattr(F, self._op, None) or getattr(F._internal, self._op)
         return fn(data, **self._attrs)
 
+    @property
+    def num_outputs(self):
+        return int(self._attrs['num_outputs']) if self._op in SPLIT_OPS else 1
+
     def hybrid_forward(self, F, x):
         qt = self._require_qtensor(x)
-        return QTensor(self.apply(F, qt.data), qt.min, qt.max)
+        out = self.apply(F, qt.data)
+        if self.num_outputs == 1:
+            return QTensor(out, qt.min, qt.max)
+        return [QTensor(out[i], qt.min, qt.max) for i in range(self.num_outputs)]
 
     def __repr__(self):
         return '%s(%s)' % (type(self).__name__, self._op)
