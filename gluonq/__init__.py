@@ -2,6 +2,7 @@
 
 * :mod:`gluonq.nn` -- quantized blocks with int8 parameters (QuantizedDense, QuantizedConv2D, ...)
 * :func:`quantize_net` -- calibrate and convert a float network
+* :func:`quantize_dynamic` -- int8 dense layers and matmuls with ranges from each batch
 * :func:`save_quantized` / :func:`load_quantized` -- int8 checkpoints
 * :func:`export_fast`, :func:`export_compact` -- deployment files for stock MXNet
 * :func:`export_onnx` -- QDQ ONNX for onnxruntime (needs ``pip install gluonq[onnx]``)
@@ -12,7 +13,7 @@
 __version__ = '0.1.0'
 
 from . import init, nn, quant                       # noqa: E402
-from .convert import QuantizedNet, quantize_net     # noqa: E402
+from .convert import QuantizedNet, quantize_dynamic, quantize_net  # noqa: E402
 from .export import export_compact, export_fast, load_quantized, save_quantized  # noqa: E402
 from .onnx import ONNXExportError, export_onnx                    # noqa: E402
 from .openvino import export_openvino                             # noqa: E402
