@@ -674,9 +674,15 @@ def test_exports_load_in_stock_mxnet_without_gluonq(tmp_path):
     subprocess.run([sys.executable, '-c', _LOADER, out, str(tmp_path / 'x.npy'), fast, int8,
                     compact], check=True, cwd=str(tmp_path))
     got = np.load(out)
-    for a in got[:2]:                        # fast export: the in-process fast graph
+    for a in got[:2]:
+        # the fast export is the in-process fast graph (the files lose nothing) ...
         np.testing.assert_allclose(a, fast_in_process, rtol=1e-6,
                                    atol=1e-6 * np.abs(ref).max())
+        # ... and the reference chain but for what its fused kernels may change (rounding
+        # ties; int16 pairs without VNNI), the bound test_fast_lowering_differs_only_at_
+        # rounding_ties holds in-process
+        assert np.abs(a - ref).max() <= 0.05 * np.abs(ref).max()
+        assert (a.argmax(1) != ref.argmax(1)).sum() <= 1
     for a in got[2:]:            # exact int8-weight and compact exports: the reference
         np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     assert any(v.dtype == np.int8 for v in mx.nd.load(compact + '-0000.params').values())
