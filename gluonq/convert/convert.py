@@ -15,6 +15,8 @@ import numpy as np
 from .. import __version__, quant
 from ..calibration.collect import CalibrationDataError, as_batches, collect
 from ..calibration.observers import make_observer
+from .bias_correction import correct_biases
+from .fallback import accuracy_fallback
 from .fold import conv_geometry, prepare
 from .graph import edge_key, parse_tuple, trace
 from .plan import make_plan
@@ -92,7 +94,8 @@ def trace_and_fold(net, input_shape):
 
 def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
                  num_calib_examples=None, per_channel=True, act_dtype='auto', exclude=None,
-                 batch_size=32, calib_options=None, progress=True):
+                 batch_size=32, calib_options=None, progress=True, bias_correction=True,
+                 eval_fn=None, max_drop=0.1):
     """Quantize a float Gluon network to int8 with calibration data.
 
     Parameters
@@ -114,6 +117,17 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
         Node names or glob patterns (e.g. ``'*conv0*'``, ``'*dense*'``) that stay float.
     calib_options : dict, optional
         Extra keyword arguments for the observers (e.g. ``{'percentile': 99.9}``).
+    bias_correction : bool, default True
+        Remove each layer's mean int8 error per output channel on the calibration data from
+        its int32 bias (:mod:`gluonq.convert.bias_correction`); the largest change per layer
+        is in ``qnet.spec['calibration']['bias_correction']``.
+    eval_fn : callable, optional
+        ``eval_fn(net) -> metric`` (higher is better), run on the float and the int8 network.
+        When given, the most sensitive int8 layers go back to float until the metric drops
+        by at most ``max_drop`` (:mod:`gluonq.convert.fallback`; which layers, and whether
+        the bound was met, in ``qnet.spec['calibration']['fallback']``).
+    max_drop : float, default 0.1
+        Largest acceptable ``eval_fn(net) - eval_fn(qnet)``, in the metric's units.
 
     Returns
     -------
@@ -188,6 +202,12 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
     spec['versions'] = {'gluonq': __version__, 'mxnet': mx.__version__}
     qnet = QuantizedNet(spec)
     _set_values(qnet, values)
+    if bias_correction:
+        correct_biases(qnet, graph, batches)
+    if eval_fn is not None:
+        qnet = accuracy_fallback(net, qnet, values, batches, eval_fn, max_drop, lambda nodes: (
+            quantize_net(net, batches, calib_mode, None, None, per_channel, act_dtype,
+                         exclude + nodes, batch_size, calib_options, progress, bias_correction)))
     return qnet
 
 
