@@ -13,9 +13,10 @@ import numpy as np
 from . import quant
 from .calibration.collect import as_batches
 from .convert.convert import trace_and_fold
+from .convert.replay import float_tensors
 from .nn import as_qtensor
 
-__all__ = ['compare', 'format_table', 'plot']
+__all__ = ['compare', 'format_table', 'compare_methods', 'format_methods', 'plot']
 
 _LAYER_BLOCKS = ('QuantizedConv1D', 'QuantizedConv2D', 'QuantizedConv3D', 'QuantizedDense')
 
@@ -49,14 +50,7 @@ def compare(float_net, qnet, data, num_examples=64):
     if missing:
         raise ValueError('the float network has no tensors %s: is it the network that was '
                          'quantized?' % missing[:5])
-    sym = graph.to_symbol(edges)
-    fblock = mx.gluon.SymbolBlock(sym, [mx.sym.var(graph.inputs[0], dtype=np.float32)])
-    for name, p in fblock.collect_params().items():
-        p.shape = graph.params[name].shape
-        p.initialize(mx.init.Constant(0))
-        p.set_data(mx.nd.array(graph.params[name]))
-    fouts = fblock(mx.nd.array(x))
-    fouts = fouts if isinstance(fouts, (list, tuple)) else [fouts]
+    fouts = float_tensors(graph, edges)(mx.nd.array(x))
     env = qnet.forward_all(mx.nd.array(x))
     rows = []
     for step, key, fval in zip(layers, keys, fouts):
@@ -84,6 +78,80 @@ def format_table(rows):
         w = '' if r['weight_sqnr_db'] is None else '%.1f' % r['weight_sqnr_db']
         lines.append('%-42s %-18s %10.1f %12.4g %10s' % (r['step'][:42], r['block'][:18],
                                                          r['sqnr_db'], r['max_abs_err'], w))
+    return '\n'.join(lines)
+
+
+def compare_methods(float_net, qnets, data, num_examples=64):
+    """What each conversion method changed, per layer: :func:`compare` of several
+    conversions of one float network, side by side.
+
+    Parameters
+    ----------
+    float_net : Block
+        The float network.
+    qnets : dict
+        Label -> QuantizedNet, e.g. ``{'naive': quantize_net(net, x,
+        bias_correction=False), 'naive + bias correction': quantize_net(net, x)}``.
+    data, num_examples :
+        As for :func:`compare`.
+
+    Returns
+    -------
+    list of dict
+        One per step (in the first network's order, then steps only later ones have):
+        ``step``, ``block`` and, per label, ``sqnr_db`` (None where the step is not int8
+        in that network), ``bias_shift`` (the largest bias change of bias correction in
+        output units, None without it) and ``fallback`` (True where the accuracy fallback
+        put the layer back to float).
+    """
+    rows, index = [], {}
+    for label, qnet in qnets.items():
+        spec = qnet.spec
+        calib = spec.get('calibration', {})
+        shifts = calib.get('bias_correction') or {}
+        reverted = set((calib.get('fallback') or {}).get('layers', []))
+        cmp = {r['step']: r for r in compare(float_net, qnet, data, num_examples)}
+        for step in spec['steps']:
+            name = step['name']
+            fell_back = step.get('node') in reverted
+            if name not in cmp and not fell_back:
+                continue
+            if name not in index:
+                index[name] = len(rows)
+                rows.append({'step': name, 'block': step['block'], 'sqnr_db': {},
+                             'bias_shift': {}, 'fallback': {}})
+            row = rows[index[name]]
+            if name in cmp:
+                row['block'] = step['block']
+            row['sqnr_db'][label] = cmp[name]['sqnr_db'] if name in cmp else None
+            row['bias_shift'][label] = shifts.get(name)
+            row['fallback'][label] = fell_back
+    for row in rows:
+        for label in qnets:
+            row['sqnr_db'].setdefault(label, None)
+            row['bias_shift'].setdefault(label, None)
+            row['fallback'].setdefault(label, False)
+    return rows
+
+
+def format_methods(rows):
+    """:func:`compare_methods` as a text table: output SQNR (dB) per method, ``float`` where
+    the fallback reverted the layer, and the largest bias-correction shift."""
+    labels = list(rows[0]['sqnr_db']) if rows else []
+    head = '%-36s %-16s' % ('step', 'block') + ''.join(' %16s' % lab[:16] for lab in labels)
+    lines = [head + '  changes']
+    for r in rows:
+        cells, notes = [], []
+        for lab in labels:
+            v = r['sqnr_db'][lab]
+            cells.append(' %16s' % ('float' if r['fallback'][lab] else
+                                    '-' if v is None else '%.1f' % v))
+            if r['bias_shift'][lab]:
+                notes.append('%s: bias shift %.3g' % (lab, r['bias_shift'][lab]))
+            if r['fallback'][lab]:
+                notes.append('%s: fallback to float' % lab)
+        lines.append('%-36s %-16s' % (r['step'][:36], r['block'][:16]) + ''.join(cells) +
+                     ('  ' + '; '.join(notes) if notes else ''))
     return '\n'.join(lines)
 
 
