@@ -71,6 +71,9 @@ def _parser():
     ev.add_argument('--eval', help='.npz with inputs and labels for fp32 vs int8 accuracy')
     ev.add_argument('--eval-key', help='input array name in --eval (default: first)')
     ev.add_argument('--eval-label-key', help='label array name in --eval (default: second)')
+    ev.add_argument('--max-drop', type=float, metavar='POINTS',
+                    help='with --eval: put the most sensitive int8 layers back to float until '
+                    'int8 top-1 is at most POINTS below fp32 (e.g. 0.1)')
     out = p.add_argument_group('output')
     out.add_argument('--out', required=True, help='output prefix: writes PREFIX.params and '
                      'PREFIX.json')
@@ -352,8 +355,18 @@ def run(args):
     if args.eval:
         xe, ye = _eval_data(args, x)
     opts = {'percentile': args.percentile} if args.percentile is not None else None
+    fallback = {}
+    if args.max_drop is not None:
+        if not args.eval:
+            raise CliError('--max-drop %g needs --eval (the data the top-1 drop is measured on)'
+                           % args.max_drop)
+
+        def top1(n):
+            n.hybridize()
+            return _accuracy(n, xe, ye)[0]
+        fallback = {'eval_fn': top1, 'max_drop': args.max_drop}
     try:
-        qnet = gluonq.quantize_net(net, x, calib_mode=args.calib_mode,
+        qnet = gluonq.quantize_net(net, x, calib_mode=args.calib_mode, **fallback,
                                    num_calib_examples=args.num_calib_examples,
                                    per_channel=not args.per_tensor, act_dtype=args.act_dtype,
                                    exclude=args.exclude, batch_size=args.batch_size,
