@@ -1,5 +1,5 @@
-"""Inference speed and memory of gluonq's int8 against fp32, MXNet's built-in int8 and
-onnxruntime, in one run.
+"""Inference speed and memory of gluonq's int8 against fp32, MXNet's built-in int8,
+onnxruntime and OpenVINO (each with its own quantizer's int8), in one run.
 
 gluoncv models at 224x224 (random weights, the same for every variant):
 
@@ -17,19 +17,38 @@ gluoncv models at 224x224 (random weights, the same for every variant):
 * ``gluonq-onnx``   onnxruntime on ``gluonq.export_onnx`` of the same gluonq network with
                     int8 weights (U8S8, the kernels ``quantize_static``'s model runs on);
 * ``gluonq-onnx-u8u8`` the same with uint8 weights (U8U8): exact also without VNNI, and
-                    what ``weight_dtype='auto'`` (the default) writes on such a CPU.
+                    what ``weight_dtype='auto'`` (the default) writes on such a CPU;
+* ``ov-fp32``       OpenVINO on the float ONNX, in float32 (``INFERENCE_PRECISION_HINT``
+                    f32: its default on CPUs with bf16 would run it in bf16);
+* ``gluonq-ov``     OpenVINO on ``gluonq.export_openvino`` of the same gluonq network;
+* ``ov-ort-qdq``    OpenVINO on ``ort-qstatic``'s QDQ model;
+* ``ov-nncf``       OpenVINO on NNCF's own int8: ``nncf.quantize`` of the float ONNX with
+                    the same calibration images (``pip install "gluonq[nncf]"``; without
+                    nncf the variant is dropped, said so, and ``ov-ort-qdq`` is
+                    OpenVINO's int8 anchor).
+
+OpenVINO models are compiled for each batch size with a static input shape and
+``INFERENCE_NUM_THREADS`` = ``--threads``.
 
 Speed: the MXNet variants of a model are loaded side by side in one process, the
-onnxruntime ones in another (which imports neither MXNet nor gluonq), and timed in turns:
-one untimed and three timed calls of each variant in turn, until every variant has
-``--runs`` timed calls, so that the load of a shared machine changes all of them alike;
-images/s is the median, after ``--warmup`` calls. Memory: each variant runs alone in its own process (the MXNet exports
-without gluonq), and its peak RSS is reported. The lines
-before the tables say whether this CPU runs int8 exactly (VNNI): without VNNI oneDNN and
-onnxruntime saturate int16 pairs, and int8 gains less over fp32.
+onnxruntime and OpenVINO ones in another (which imports neither MXNet nor gluonq), and
+timed in rounds: in each round every variant takes one turn of one untimed and three timed
+calls, in an order rotated by one place each round and reversed on odd rounds, so that
+each variant runs in every position and after different variants, and the load of a
+shared machine changes all of them alike (onnxruntime's threads do not spin while idle).
+Images/s is the median over ``--runs`` timed calls, after ``--warmup`` calls. For each
+gluonq variant the report gives its ratio to the fastest anchor of the same runtime and to
+the fastest anchor overall (anchors: the fp32 variants, MXNet's built-in int8, onnxruntime's
+``quantize_static``, OpenVINO on that and on NNCF's model), and whether the issue's bars
+hold (``gluonq-ov`` >= ``ov-nncf``, or ``ov-ort-qdq`` without nncf; ``gluonq-onnx`` >=
+``ort-qstatic``). Memory: each variant runs alone in its own process (the MXNet exports
+without gluonq), and its peak RSS is reported. The lines before the tables say whether
+this CPU runs int8 exactly (VNNI): without VNNI oneDNN and onnxruntime saturate int16
+pairs, and int8 gains less over fp32.
 
     python benchmarks/bench_inference.py                              # everything
-    python benchmarks/bench_inference.py --models resnet18_v1 --batches 1 --runs 5
+    python benchmarks/bench_inference.py --models resnet50_v1,mobilenetv2_1.0 --batches 1,16
+    python benchmarks/bench_inference.py --models mobilenetv2_1.0 --batches 1 --runs 3
 """
 from __future__ import annotations
 
@@ -45,11 +64,22 @@ import time
 
 MODELS = ['resnet18_v1', 'resnet50_v1', 'mobilenet1.0', 'mobilenetv2_1.0']
 VARIANTS = ['fp32', 'fp32-mkldnn', 'builtin', 'gluonq', 'fast-export', 'int8w-export',
-            'compact', 'ort-fp32', 'ort-qstatic', 'gluonq-onnx', 'gluonq-onnx-u8u8']
+            'compact', 'ort-fp32', 'ort-qstatic', 'gluonq-onnx', 'gluonq-onnx-u8u8',
+            'ov-fp32', 'gluonq-ov', 'ov-ort-qdq', 'ov-nncf']
 ORT_VARIANTS = ('ort-fp32', 'ort-qstatic', 'gluonq-onnx', 'gluonq-onnx-u8u8')
-#: the int8 variants of each runtime that gluonq is measured against
-ANCHORS = {'gluonq': 'builtin', 'fast-export': 'builtin', 'gluonq-onnx': 'ort-qstatic',
-           'gluonq-onnx-u8u8': 'ort-qstatic'}
+OV_VARIANTS = ('ov-fp32', 'gluonq-ov', 'ov-ort-qdq', 'ov-nncf')
+#: the runtime of each variant
+RUNTIME = dict([(v, 'onnxruntime') for v in ORT_VARIANTS] +
+               [(v, 'openvino') for v in OV_VARIANTS] +
+               [(v, 'mxnet') for v in VARIANTS if v not in ORT_VARIANTS + OV_VARIANTS])
+#: the variants gluonq is measured against: fp32 and each runtime's own int8
+ANCHORS = ('fp32', 'fp32-mkldnn', 'builtin', 'ort-fp32', 'ort-qstatic', 'ov-fp32',
+           'ov-ort-qdq', 'ov-nncf')
+#: the issue's bars: (gluonq variant, [anchor, fallback anchor])
+BARS = (('gluonq-ov', ['ov-nncf', 'ov-ort-qdq']), ('gluonq-onnx', ['ort-qstatic']))
+#: the file each OpenVINO variant reads
+OV_FILES = {'ov-fp32': 'ort-fp32.onnx', 'gluonq-ov': 'gluonq-ov.xml',
+            'ov-ort-qdq': 'ort-qstatic.onnx', 'ov-nncf': 'ov-nncf.onnx'}
 SHAPE = (3, 224, 224)
 
 
@@ -69,6 +99,28 @@ def session(path, threads=2):
 
 def run_session(sess, x):
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def openvino_runner(path, threads=2, precision=None):
+    """A callable running the OpenVINO model ``path`` on a numpy batch: compiled for the
+    CPU once per input shape (static shapes, at the first call with that shape) with
+    ``threads`` inference threads; ``precision`` sets ``INFERENCE_PRECISION_HINT``."""
+    import openvino as ov
+    core = ov.Core()
+    config = {'INFERENCE_NUM_THREADS': threads}
+    if precision:
+        config['INFERENCE_PRECISION_HINT'] = precision
+    requests = {}
+
+    def run(x):
+        if x.shape not in requests:
+            model = core.read_model(path)
+            model.reshape(list(x.shape))
+            requests[x.shape] = core.compile_model(model, 'CPU', config).create_infer_request()
+        req = requests[x.shape]
+        req.infer({0: x})
+        return req.get_output_tensor(0).data
+    return run
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,6 +203,20 @@ def job_convert(model, which, workdir, n_calib):
                            overwrite=True, calib_data=x, weight_dtype='uint8')
         out['sizes'] = {v: os.path.getsize(p(v + '.onnx')) for v in ORT_VARIANTS}
         return out
+    if which == 'openvino':
+        from gluonq.openvino import export_openvino
+        t = time.time()
+        qnet = gluonq.load_quantized(p('gluonq'))
+        export_openvino(qnet, p('gluonq-ov.xml'), input_shape=(1,) + SHAPE, overwrite=True,
+                        calib_data=x)
+        out['export_openvino_s'] = time.time() - t
+        seconds = nncf_quantize(p('ort-fp32.onnx'), p('ov-nncf.onnx'), x)
+        out['sizes'] = {'gluonq-ov': os.path.getsize(p('gluonq-ov.xml')) +
+                        os.path.getsize(p('gluonq-ov.bin'))}
+        if seconds is not None:
+            out['nncf_quantize_s'] = seconds
+            out['sizes']['ov-nncf'] = os.path.getsize(p('ov-nncf.onnx'))
+        return out
     from gluonq import lower as L
     from gluonq.export import export_fast
     t = time.time()
@@ -174,6 +240,25 @@ def job_convert(model, which, workdir, n_calib):
     return out
 
 
+def nncf_quantize(fp32_path, out_path, x):
+    """NNCF's own int8 QDQ model of the float ONNX (MinMax and FastBiasCorrection on the
+    calibration images ``x``, one per batch). Returns its time in seconds, or None when
+    nncf is not installed."""
+    try:
+        import nncf
+    except ImportError:
+        return None
+    import onnx
+    import logging
+    logging.getLogger('nncf').setLevel(logging.ERROR)
+    t = time.time()
+    model = onnx.load(fp32_path)
+    name = model.graph.input[0].name
+    data = nncf.Dataset([{name: x[i:i + 1]} for i in range(len(x))])
+    onnx.save(nncf.quantize(model, data, subset_size=len(x)), out_path)
+    return time.time() - t
+
+
 def load_variant(model, variant, workdir, threads):
     """A callable running ``variant`` on a numpy batch (waiting for the result).
 
@@ -183,6 +268,9 @@ def load_variant(model, variant, workdir, threads):
     if variant in ORT_VARIANTS:
         sess = session(os.path.join(workdir, '%s-%s.onnx' % (model, variant)), threads)
         return lambda x: run_session(sess, x)
+    if variant in OV_VARIANTS:
+        return openvino_runner(os.path.join(workdir, '%s-%s' % (model, OV_FILES[variant])),
+                               threads, 'f32' if variant == 'ov-fp32' else None)
     import warnings
     import mxnet as mx
     warnings.simplefilter('ignore')
@@ -216,15 +304,22 @@ def _batch(bs):
 TURN = 3
 
 
+def round_order(variants, r):
+    """The order of the variants in round ``r``: rotated by ``r`` places, reversed on odd
+    rounds (so each variant runs in every position and after different variants)."""
+    k = r % len(variants)
+    order = list(variants[k:]) + list(variants[:k])
+    return order[::-1] if r % 2 else order
+
+
 def job_speed(model, variants, workdir, batches, runs, warmup, threads):
-    """Images/s of ``variants`` loaded side by side in this process and timed in turns:
-    each turn is one untimed call (threads of the previous variant may still be spinning,
-    onnxruntime's by default) and ``TURN`` timed calls of one variant; the variants take
-    turns (the order reversed every other round) until each has ``runs`` timed calls, so
-    that a change of load on the machine hits all of them alike.
-    Returns {variant: {batch: images/s (median)}}."""
+    """Images/s of ``variants`` loaded side by side in this process and timed in rounds:
+    in each round every variant takes one turn, one untimed call (threads of the previous
+    variant may still be busy) and ``TURN`` timed calls, in the order of
+    :func:`round_order`, until each has ``runs`` timed calls, so that a change of load on
+    the machine hits all of them alike. Returns {variant: {batch: images/s (median)}}."""
     import numpy as np
-    if all(v in ORT_VARIANTS for v in variants):
+    if all(RUNTIME[v] != 'mxnet' for v in variants):
         for mod in ('mxnet', 'gluonq'):
             sys.modules[mod] = None
     fns = {v: load_variant(model, v, workdir, threads) for v in variants}
@@ -235,9 +330,8 @@ def job_speed(model, variants, workdir, batches, runs, warmup, threads):
             for _ in range(warmup):
                 fn(x)
         times = {v: [] for v in variants}
-        order = list(variants)
         for r in range(-(-runs // TURN)):
-            for v in (order if r % 2 == 0 else order[::-1]):
+            for v in round_order(variants, r):
                 fns[v](x)
                 for _ in range(TURN):
                     t = time.perf_counter()
@@ -253,7 +347,7 @@ def job_memory(model, variant, workdir, batches, threads):
     the MXNet exports and onnxruntime variants run without gluonq."""
     if variant not in ('fp32', 'fp32-mkldnn', 'gluonq'):
         sys.modules['gluonq'] = None
-    if variant in ORT_VARIANTS:
+    if RUNTIME[variant] != 'mxnet':
         sys.modules['mxnet'] = None
     fn = load_variant(model, variant, workdir, threads)
     for bs in batches:
@@ -307,11 +401,16 @@ def _sub(args_list, threads, timeout=3600):
 # ---------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--models', nargs='+', default=MODELS)
-    ap.add_argument('--batches', nargs='+', type=int, default=[1, 16])
-    ap.add_argument('--variants', nargs='+', default=VARIANTS)
-    ap.add_argument('--runs', type=int, default=15,
-                    help='timed calls per variant and batch (in turns of %d)' % TURN)
+    ap.add_argument('--models', nargs='+', default=MODELS,
+                    help='gluoncv models (space- or comma-separated)')
+    ap.add_argument('--batches', nargs='+', default=['1', '16'],
+                    help='batch sizes (space- or comma-separated)')
+    ap.add_argument('--variants', nargs='+', default=VARIANTS,
+                    help='variants to run (space- or comma-separated): %s' % ' '.join(VARIANTS))
+    ap.add_argument('--runs', type=int, default=24,
+                    help='timed calls per variant and batch, in turns of %d (default 24: '
+                    'eight rounds, as many as the onnxruntime + OpenVINO variants, so that '
+                    'each takes every position once)' % TURN)
     ap.add_argument('--warmup', type=int, default=3)
     ap.add_argument('--calib', type=int, default=64, help='calibration images')
     ap.add_argument('--threads', type=int, default=os.cpu_count() or 1,
@@ -320,10 +419,16 @@ def main(argv=None):
     ap.add_argument('--workdir', help='keep models and exports here (default: temporary)')
     ap.add_argument('--_job', nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.models, args.variants = _split(args.models), _split(args.variants)
+    args.batches = [int(b) for b in _split(args.batches)]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error('unknown variant(s) %s; choose from %s' % (', '.join(unknown),
+                                                            ' '.join(VARIANTS)))
     if args._job:
         kind, model = args._job
         workdir = args.workdir
-        if kind in ('builtin', 'gluonq', 'onnx'):
+        if kind in ('builtin', 'gluonq', 'onnx', 'openvino'):
             r = job_convert(model, kind, workdir, args.calib)
         elif kind == 'speed':
             r = job_speed(model, args.variants, workdir, args.batches, args.runs,
@@ -339,9 +444,11 @@ def main(argv=None):
     print('workdir %s; %d cores, %d thread(s) per run; load average at start %.2f'
           % (workdir, os.cpu_count(), args.threads, os.getloadavg()[0]), flush=True)
     print('int8 kernels exact on this CPU (VNNI): %s' % cpu_info(), flush=True)
+    ovv = [v for v in variants if v in OV_VARIANTS]
     ort = [v for v in variants if v in ORT_VARIANTS]
-    mxv = [v for v in variants if v not in ORT_VARIANTS]
-    converts = ['builtin', 'gluonq'] + (['onnx'] if ort else [])
+    mxv = [v for v in variants if RUNTIME[v] == 'mxnet']
+    converts = ['builtin', 'gluonq'] + (['onnx'] if ort or ovv else []) + \
+        (['openvino'] if ovv else [])
     common = ['--workdir', workdir, '--calib', str(args.calib), '--threads',
               str(args.threads), '--batches'] + [str(b) for b in args.batches]
 
@@ -353,6 +460,16 @@ def main(argv=None):
         for model in args.models:
             for which in converts:
                 conv[(model, which)] = r = job(which, model, os.cpu_count() or 1)
+                if which == 'openvino':
+                    print('exported %-16s openvino: gluonq export_openvino %.1f s, %s' % (
+                        model, r['export_openvino_s'], 'nncf.quantize %.1f s'
+                        % r['nncf_quantize_s'] if 'nncf_quantize_s' in r else
+                        'NNCF IS NOT INSTALLED (pip install "gluonq[nncf]"): no ov-nncf; '
+                        "OpenVINO's int8 anchor is ov-ort-qdq"), flush=True)
+                    if 'nncf_quantize_s' not in r and 'ov-nncf' in variants:
+                        variants.remove('ov-nncf')
+                        ovv.remove('ov-nncf')
+                    continue
                 if which == 'onnx':
                     print('exported %-16s onnx: quantize_static %.1f s, gluonq export_onnx '
                           '%.1f s' % (model, r['ort_quantize_s'], r['export_onnx_s']),
@@ -363,7 +480,7 @@ def main(argv=None):
                     '' if 'lower_s' not in r else '  (lowering %.1f s: %s; not fused: %s)'
                     % (r['lower_s'], r['lowering'], r['not_fused'])), flush=True)
         for model in args.models:
-            for group in (mxv, ort):
+            for group in (mxv, ort + ovv):
                 if not group:
                     continue
                 speed.update({(model, v): r for v, r in job(
@@ -384,28 +501,62 @@ def main(argv=None):
     return 0
 
 
+def _split(values):
+    """Command-line values given space- or comma-separated, as one list."""
+    return [v for item in values for v in item.split(',') if v]
+
+
 def _median(vals):
     vals = sorted(vals)
     n = len(vals)
     return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
 
 
+def fastest(speeds, candidates):
+    """(name, images/s) of the fastest of ``candidates`` measured in ``speeds``, or None."""
+    have = [(speeds[c], c) for c in candidates if c in speeds]
+    return None if not have else max(have)[::-1]
+
+
 def report(args, variants, conv, speed, memory, loads):
-    print('\n## images/s (median of %d calls per variant, timed in turns; MXNet variants in '
-          'one process, onnxruntime variants in another)\n' % args.runs)
-    ratios = [('gluonq', 'fp32')] + [(a, b) for a, b in ANCHORS.items()] + \
-        [('gluonq-onnx', 'builtin'), ('gluonq-onnx', 'fp32')]
-    ratios = [(a, b) for a, b in ratios if a in variants and b in variants]
-    head = '| model | batch | ' + ' | '.join(variants) + ' | ' + \
-        ' | '.join('%s/%s' % r for r in ratios) + ' |'
+    print('\n## images/s (median of %d calls per variant, timed in rotated rounds; MXNet '
+          'variants in one process, onnxruntime and OpenVINO variants in another)\n'
+          % args.runs)
+    head = '| model | batch | ' + ' | '.join(variants) + ' |'
     print(head)
     print('|' + '---|' * (head.count('|') - 1))
     for model in args.models:
         for bs in args.batches:
-            v = {var: speed[(model, var)][str(bs)] for var in variants}
-            print('| %s | %d | %s | %s |' % (
-                model, bs, ' | '.join('%.1f' % v[var] for var in variants),
-                ' | '.join('%.2f' % (v[a] / v[b]) for a, b in ratios)))
+            print('| %s | %d | %s |' % (model, bs, ' | '.join(
+                '%.1f' % speed[(model, var)][str(bs)] for var in variants)))
+    anchors = [a for a in ANCHORS if a in variants]
+    ours = [v for v in variants if v not in ANCHORS]
+    if anchors and ours:
+        print('\n## gluonq against the fastest anchor (anchors: %s)\n' % ', '.join(anchors))
+        print('| model | batch | variant | img/s | fastest anchor, same runtime | ratio '
+              '| fastest anchor overall | ratio |')
+        print('|---|---|---|---|---|---|---|---|')
+        for model in args.models:
+            for bs in args.batches:
+                v = {var: speed[(model, var)][str(bs)] for var in variants}
+                for var in ours:
+                    same = fastest(v, [a for a in anchors if RUNTIME[a] == RUNTIME[var]])
+                    best = fastest(v, anchors)
+                    print('| %s | %d | %s | %.1f | %s | %s | %s %.1f | %.2f |' % (
+                        model, bs, var, v[var], '-' if same is None else '%s %.1f' % same,
+                        '-' if same is None else '%.2f' % (v[var] / same[1]), best[0],
+                        best[1], v[var] / best[1]))
+    bars = [(g, next(a for a in alts if a in variants)) for g, alts in BARS
+            if g in variants and any(a in variants for a in alts)]
+    if bars:
+        print('\n## the issue\'s bars (>= 1.00x in every cell)\n')
+        for g, a in bars:
+            cells = [(model, bs, speed[(model, g)][str(bs)] / speed[(model, a)][str(bs)])
+                     for model in args.models for bs in args.batches]
+            note = ' (nncf not installed)' if g == 'gluonq-ov' and a != 'ov-nncf' else ''
+            print('%s / %s%s: %s -> %s' % (g, a, note, ', '.join(
+                '%s bs%d %.2f' % c for c in cells), 'MET' if all(c[2] >= 1.0 for c in cells)
+                else 'NOT MET'))
     print('\n## peak memory (MB, max RSS of a process running only that variant)\n')
     print('| model | ' + ' | '.join(variants) + ' |')
     print('|' + '---|' * (len(variants) + 1))
@@ -429,6 +580,11 @@ def report(args, variants, conv, speed, memory, loads):
                   '(%.0f%%)' % (model, o['ort-fp32'] / 1e6, o['ort-qstatic'] / 1e6,
                                 o['gluonq-onnx'] / 1e6,
                                 100.0 * o['gluonq-onnx'] / o['ort-fp32']))
+        if (model, 'openvino') in conv:
+            o = conv[(model, 'openvino')]['sizes']
+            print('%-16s OpenVINO MB: gluonq IR (.xml + .bin) %.1f%s' % (
+                model, o['gluonq-ov'] / 1e6, '' if 'ov-nncf' not in o else
+                ", NNCF's .onnx %.1f" % (o['ov-nncf'] / 1e6)))
     print('\nload average during the runs: min %.2f, median %.2f, max %.2f (%d cores)' % (
         min(loads), _median(loads), max(loads), os.cpu_count()))
 
