@@ -108,7 +108,10 @@ def ort_quantize_static(fp32_path, out_path, calib, batch_size=1, per_channel=Tr
     default) with the calibration ``method`` ('MinMax', 'Entropy', 'Percentile' or
     'Distribution': onnxruntime's ``CalibrationMethod`` names, its default options).
     ``pre_process_options`` go to ``quant_pre_process`` (models with free spatial sizes,
-    such as rapidocr's, need ``{'auto_merge': True}`` for its symbolic shape inference)."""
+    such as rapidocr's, need ``{'auto_merge': True}`` for its symbolic shape inference).
+    A model of opset < 13 is first converted to opset 13 (``onnx.version_converter``) for
+    per-channel quantization: quantize_static writes per-channel DequantizeLinear nodes
+    (an ``axis``, opset 13) into older models, which onnxruntime then refuses to load."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -117,7 +120,15 @@ def ort_quantize_static(fp32_path, out_path, calib, batch_size=1, per_channel=Tr
         raise ValueError('method must be one of %s, got %r'
                          % (sorted(CalibrationMethod.__members__), method))
     pre = out_path + '.pre.onnx'
-    quant_pre_process(fp32_path, pre, **(pre_process_options or {}))
+    src = fp32_path
+    model = onnx.load(fp32_path)
+    opset = max(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
+    if per_channel and opset < 13:
+        src = out_path + '.opset13.onnx'
+        onnx.save(onnx.version_converter.convert_version(model, 13), src)
+    quant_pre_process(src, pre, **(pre_process_options or {}))
+    if src != fp32_path:
+        os.remove(src)
     name = onnx.load(pre).graph.input[0].name
     batches = [calib[i:i + batch_size] for i in range(0, len(calib), batch_size)]
     quantize_static(pre, out_path, _Reader(name, batches), quant_format=QuantFormat.QDQ,

@@ -8,7 +8,8 @@ matplotlib ships, and preprocessed exactly as rapidocr's own ``ch_ppocr_cls``,
 on the right). Every function takes a seed and is deterministic.
 
 * ``model_path(kind)``: the ``.onnx`` file of ``'cls'``, ``'rec'`` or ``'det'``, found
-  without importing rapidocr (its ``__init__`` imports heavy dependencies).
+  without importing rapidocr (its ``__init__`` imports heavy dependencies);
+  ``logits_model(kind)``: cls or rec without its final Softmax.
 * ``cls_batch(n, seed)``: ``(images (n, 3, 48, 192) float32, labels)``, label 0 upright, 1
   rotated by 180 degrees (half of each); ``shape=`` another input size.
 * ``rec_batch(n, seed, width)``: ``(images (n, 3, 48, width) float32, strings)``.
@@ -63,6 +64,37 @@ def model_path(kind):
     if not os.path.isfile(path):
         raise FileNotFoundError('rapidocr model %s not found' % path)
     return path
+
+
+def logits_model(kind):
+    """rapidocr's model ``kind`` ('cls' or 'rec') without its final Softmax (and the
+    Identity after it), as an ``onnx.ModelProto`` whose output is the logits. The argmax,
+    and so top-1 and CTC greedy decoding, is unchanged; the logits' SQNR measures the
+    quantization error without the softmax saturating it (a confident prediction's
+    probabilities hide most of the error, a flipped one dominates it)."""
+    import onnx
+    model = onnx.load(model_path(kind))
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(graph.output[0].name)
+    tail = []
+    while node is not None and node.op_type == 'Identity':
+        tail.append(node)
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != 'Softmax':
+        raise ValueError('rapidocr model %r does not end in a Softmax (ends in %s)'
+                         % (kind, node.op_type if node is not None else 'an input'))
+    tail.append(node)
+    logits = node.input[0]
+    keep = [n for n in graph.node if all(n is not t for t in tail)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(graph.output[0])          # a softmax keeps its input's type and shape
+    out.name = logits
+    del graph.output[:]
+    graph.output.append(out)
+    return model
 
 
 def fonts():
