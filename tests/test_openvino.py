@@ -45,10 +45,12 @@ def test_ir_runs_every_layer_in_int8_and_agrees_with_gluonq(resnet20, tmp_path):
     prec = runtime_precisions(cm)
     layers = {k: v for k, v in prec.items() if k[0] in ('Convolution', 'FullyConnected')}
     assert layers and all(p in ('u8', 'i8') for _, p in layers), prec
-    # gluonq's ONNX writes average pooling as a depthwise int8 convolution
+    # gluonq's ONNX writes average pooling as a depthwise int8 convolution, and global
+    # average pooling as DQ-GlobalAveragePool-Q (a u8 Reduce in OpenVINO)
     int8_layers = [st for st in qnet.spec['steps'] if st['block'].startswith(
         ('QuantizedConv', 'QuantizedDense')) or (st['block'] == 'QuantizedPooling' and
-                                                 st['config']['pool_type'] == 'avg')]
+                                                 st['config']['pool_type'] == 'avg' and
+                                                 not st['config']['global_pool'])]
     assert sum(layers.values()) == len(int8_layers)
     lo = cm({cm.inputs[0]: xt})[cm.outputs[0]]
     lq = qnet(mx.nd.array(xt)).asnumpy()
