@@ -28,9 +28,15 @@ model built from the QuantizedNet's own steps and integer parameters:
   ``DQ -> GlobalAveragePool -> Q`` (QLinearGlobalAveragePool), other average pooling a
   depthwise conv with int8 weights of 1 (QLinearConv, rounding like gluonq); add and a
   requantizing concat are ``DQ -> op -> Q`` (QLinearAdd / QLinearConcat);
+* int8 shape operators (reshape with MXNet's codes 0, -1, -2, -3, -4, transpose, SwapAxis,
+  expand_dims, squeeze, slice, slice_axis, split) move the integer tensors as ONNX
+  Reshape/Transpose/Unsqueeze/Squeeze/Slice/Split; a matrix product of two int8 tensors is
+  ``DQ -> MatMul -> Q`` (QLinearMatMul, or MatMulIntegerToFloat with a float output);
 * ops gluonq leaves in float (``FloatOp`` steps) are converted with MXNet's own ONNX
-  converters (``mx.onnx``, which needs onnx 1.18.0) one op at a time and spliced in;
-  an op they cannot convert raises :class:`ONNXExportError` naming the step.
+  converters (``mx.onnx``, which needs onnx 1.18.0) one op at a time and spliced in, except
+  those in ``_FLOAT_HANDLERS`` (LayerNorm, mean, erf, the shape operators), which gluonq
+  writes itself; an op neither can convert raises :class:`ONNXExportError` naming the
+  step.
 
 Integer agreement with gluonq's MXNet int8 network. onnxruntime's QLinearConv computes
 ``round_half_even(float32(acc) * m_ort)``, ``m_ort = float32(float32(s_x * s_w) / s_y)``

@@ -171,6 +171,11 @@ def test_int32_bound_and_shape_errors():
         block(mx.nd.ones((1, k)), mx.nd.ones((k, 1)))
     with pytest.raises(ValueError, match=r'contract 3 with 4'):
         block(mx.nd.ones((2, 3)), mx.nd.ones((4, 2)))
+    fixed = qnn.QuantizedMatMul(contraction=4)
+    fixed.initialize()
+    with pytest.raises(ValueError, match=r'contract 3 with 3 \(the block was built for '
+                                         r'contraction=4\)'):
+        fixed(mx.nd.ones((2, 3)), mx.nd.ones((3, 2)))
     with pytest.raises(ValueError, match='equal leading axes'):
         block(mx.nd.ones((2, 2, 3)), mx.nd.ones((3, 3, 2)))
     q = qnn.QTensor(mx.nd.ones((2, 3), dtype='int8'), mx.nd.array([-1]), mx.nd.array([1]))

@@ -3,7 +3,7 @@ through every runtime, int8 shape operators and the float ops between int8 layer
 onnxruntime, dense layers on sequences on oneDNN's fused kernel, and dynamic quantization
 against numpy re-derivations (tests/reference.py and the model below; neither imports the
 code under test)."""
-import os
+import json
 
 import mxnet as mx
 import numpy as np
@@ -83,6 +83,11 @@ def test_vit_hybridized_and_stock_mxnet_export_agree(vit, tmp_path):
     low = {r['step']: r for r in qnet.lowered.report}
     dense = [s['name'] for s in qnet.spec['steps'] if s['block'] == 'QuantizedDense']
     assert any(low[n]['lowering'] == 'fused' for n in dense) == VNNI
+    # the converter records each product's contraction size: one float32 product each
+    # (K = 16 and 16 tokens), no chunks for contractions of any size
+    nodes = json.loads(qnet.lowered.symbol.tojson())['nodes']
+    assert sum(n['op'] == '_linalg_gemm2' for n in nodes) == \
+        sum(s['block'] == 'QuantizedMatMul' for s in qnet.spec['steps']) == 4
     prefix = str(tmp_path / 'vit')
     sym_path, params_path = qnet.export(prefix)
     blk = mx.gluon.SymbolBlock.imports(sym_path, ['data'], params_path)

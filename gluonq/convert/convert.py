@@ -311,7 +311,7 @@ def _build_spec(graph, units, qparams, per_channel, act_dtype):
             if n.attr('count_include_pad') is not None:
                 cfg['count_include_pad'] = n.bool_attr('count_include_pad', True)
         elif u.kind == 'matmul':
-            block, cfg = 'QuantizedMatMul', _matmul_config(u, qparams, out_qp)
+            block, cfg = 'QuantizedMatMul', _matmul_config(graph, u, qparams, out_qp)
         elif u.kind == 'shape':
             block, cfg = 'QuantizedShapeOp', {'op': u.node.op, 'attrs': dict(u.node.attrs)}
         elif u.kind == 'flatten':
@@ -372,14 +372,16 @@ def _layer_config(graph, u, qparams, out_qp, per_channel):
     return cfg, {'weight': w, 'bias': b}
 
 
-def _matmul_config(u, qparams, out_qp):
+def _matmul_config(graph, u, qparams, out_qp):
     """A QuantizedMatMul step: the float op's flags and alpha times the folded scalar; the
     operands arrive quantized (QTensors with their calibrated ranges), or float in dynamic
     mode (quantized with the range of each operand)."""
     n = u.node
     da, db = (qparams[e].dtype if e in qparams else u.dynamic_dtypes[i]
               for i, e in enumerate(u.inputs))
-    return {'transpose_a': n.bool_attr('transpose_a'), 'transpose_b': n.bool_attr('transpose_b'),
+    sa = graph.shape(u.inputs[0])
+    return {'contraction': int(sa[-2 if n.bool_attr('transpose_a') else -1]),
+            'transpose_a': n.bool_attr('transpose_a'), 'transpose_b': n.bool_attr('transpose_b'),
             'alpha': float(n.attr('alpha', '1.0')) * u.alpha, 'a_dtype': da,
             'b_dtype': db, 'out_dtype': out_qp.dtype if out_qp else 'float32',
             'out_range': [out_qp.min, out_qp.max] if out_qp else None}

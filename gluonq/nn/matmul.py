@@ -52,6 +52,10 @@ class QuantizedMatMul(QuantizedBlock):
     out_range : (float, float) or None
         Calibrated real range of the output; None with an integer ``out_dtype``: the range
         of each result (dynamic).
+    contraction : int or None
+        The contraction size K, when it is fixed (the converter records it): a hybridized
+        graph then multiplies in as few exact float32 products as K needs, instead of the
+        chunks that cover any K. Eager calls check it.
 
     Inputs:
         - **a**: float32 or QTensor of shape `(..., M, K)` (`(..., K, M)` with
@@ -69,9 +73,10 @@ class QuantizedMatMul(QuantizedBlock):
 
     def __init__(self, transpose_a=False, transpose_b=False, alpha=1.0, a_dtype='auto',
                  a_range=None, b_dtype='auto', b_range=None, out_dtype=None, out_range=None,
-                 **kwargs):
+                 contraction=None, **kwargs):
         super().__init__(**kwargs)
         self._transpose = (bool(transpose_a), bool(transpose_b))
+        self._k = None if contraction is None else int(contraction)
         self._alpha = float(alpha)
         if not np.isfinite(self._alpha) or self._alpha == 0:
             raise ValueError('QuantizedMatMul: alpha must be finite and nonzero, got %r'
@@ -135,10 +140,12 @@ class QuantizedMatMul(QuantizedBlock):
                              '(>= 2) of axes and equal leading axes'
                              % (type(self).__name__, self.name, sa, sb))
         ka, kb = sa[-2 if ta else -1], sb[-1 if tb else -2]
-        if ka != kb:
+        if ka != kb or (self._k is not None and ka != self._k):
             raise ValueError('%s %r: operands of shapes %s and %s (transpose_a=%s, '
-                             'transpose_b=%s) contract %d with %d'
-                             % (type(self).__name__, self.name, sa, sb, ta, tb, ka, kb))
+                             'transpose_b=%s) contract %d with %d%s'
+                             % (type(self).__name__, self.name, sa, sb, ta, tb, ka, kb,
+                                '' if self._k is None else
+                                ' (the block was built for contraction=%d)' % self._k))
         bound = quant.matmul_bound(ka, *self.in_dtypes)
         if bound > quant.QBOUNDS['int32'][1]:
             raise ValueError('%s %r: %d products of %s x %s integers can reach %d, beyond '
@@ -150,7 +157,7 @@ class QuantizedMatMul(QuantizedBlock):
     def hybrid_forward(self, F, a, b, **params):
         qa, inv_a = self._operand(F, a, 'a', params)
         qb, inv_b = self._operand(F, b, 'b', params)
-        k = self._contraction(qa.shape, qb.shape) if F is mx.nd else None
+        k = self._contraction(qa.shape, qb.shape) if F is mx.nd else self._k
         acc = quant.matmul_int_f(F, qa, qb, *self.in_dtypes, *self._transpose, k=k)
         invs = [inv_a, inv_b]
         if self._alpha != 1.0:
