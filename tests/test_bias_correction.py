@@ -42,9 +42,9 @@ def test_output_channel_means_are_corrected(seed, hidden, out_units, per_channel
     at most half an int32 bias step (plus float32 rounding)."""
     net, x = _mlp(seed, 12, hidden, out_units)
     y = net(mx.nd.array(x)).asnumpy().astype(np.float64)[:NUM_EXAMPLES]
-    before = gluonq.quantize_net(net, x, per_channel=per_channel, bias_correction=False,
-                                 progress=False)
-    after = gluonq.quantize_net(net, x, per_channel=per_channel, progress=False)
+    before = gluonq.quantize_net(net, x, per_channel=per_channel, progress=False)
+    after = gluonq.quantize_net(net, x, per_channel=per_channel, bias_correction=True,
+                                progress=False)
     err = {}
     for name, q in (('before', before), ('after', after)):
         err[name] = (q(mx.nd.array(x[:NUM_EXAMPLES])).asnumpy() - y).mean(axis=0)
@@ -75,7 +75,7 @@ def test_corrected_net_reference_chain_equals_fast_path(tmp_path):
     round trip keeps them."""
     net = M.pretrained('resnet20')
     x, _ = M.load('train', 64)
-    q = gluonq.quantize_net(net, x, progress=False)
+    q = gluonq.quantize_net(net, x, bias_correction=True, progress=False)
     assert max(v for v in q.spec['calibration']['bias_correction'].values()) > 0
     y_ref = q(mx.nd.array(x)).asnumpy()
     q.hybridize(exact=True)
@@ -99,7 +99,8 @@ def test_bias_correction_raises_logit_sqnr_on_held_out_images():
     xt, yt = xt[:1000], yt[:1000]
     _, lf = M.evaluate(net, xt, yt)
     qs = {'naive': gluonq.quantize_net(net, xc, bias_correction=False, progress=False),
-          'naive + bias correction': gluonq.quantize_net(net, xc, progress=False)}
+          'naive + bias correction': gluonq.quantize_net(net, xc, bias_correction=True,
+                                                         progress=False)}
     per_image = {}
     for label, q in qs.items():
         q.hybridize(exact=True)
