@@ -240,7 +240,7 @@ class HistogramObserver(Observer):
         err_th, err_max = self.expected_sq_error([th, top])
         clipped = self.clipped_fraction(th)
         if clipped > self.max_clipped and err_th > self.guard_ratio * err_max:
-            mse_th = self._mse_threshold()
+            mse_th = min(self._mse_threshold(), top)   # its last bin can end above max|x|
             self.fallback = ('%s threshold %.4g clips %.2g%% of the values and gives %.1fx the '
                              'squared error of the plain range %.4g; used the MSE-optimal '
                              'threshold %.4g instead'
