@@ -19,7 +19,7 @@ from .bias_correction import correct_biases
 from .fallback import accuracy_fallback
 from .fold import conv_geometry, prepare
 from .graph import edge_key, parse_tuple, trace
-from .plan import make_plan
+from .plan import check_exclude, make_plan
 from .qnet import QuantizedNet, mx_reason
 
 __all__ = ['quantize_net', 'trace_and_fold']
@@ -154,13 +154,7 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
                                        % (batches[0].shape, err))
     graph = trace_and_fold(net, (1,) + batches[0].shape[1:])
     units = make_plan(graph, exclude)
-    if exclude:
-        names = [n.name for n in graph.nodes.values()] + list(graph.notes)
-        from .plan import _matches
-        unknown = [p for p in exclude if not any(_matches(n, [p]) for n in names)]
-        if unknown:
-            raise ValueError('exclude: no layer matches %s; layer names look like %s'
-                             % (unknown, [n.name for n in graph.op_nodes()][:5]))
+    check_exclude(graph, exclude)
     # tensors to observe: outputs of int8 units that produce their own range, and float
     # tensors that an int8 unit reads (they get a Quantize step)
     producer = {e: u for u in units for e in u.outputs}

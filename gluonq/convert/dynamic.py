@@ -22,7 +22,7 @@ import mxnet as mx
 
 from .. import __version__
 from .convert import _build_spec, _set_values, trace_and_fold
-from .plan import Unit, _matches, make_plan
+from .plan import Unit, check_exclude, make_plan
 from .qnet import QuantizedNet
 
 __all__ = ['quantize_dynamic']
@@ -121,12 +121,7 @@ def quantize_dynamic(net, input_shape, per_channel=True, act_dtype='auto', exclu
                          'sizes, got %s' % (input_shape,))
     exclude = list(exclude or [])
     graph = trace_and_fold(net, (1,) + input_shape[1:])
-    if exclude:
-        names = [n.name for n in graph.nodes.values()] + list(graph.notes)
-        unknown = [p for p in exclude if not any(_matches(n, [p]) for n in names)]
-        if unknown:
-            raise ValueError('exclude: no layer matches %s; layer names look like %s'
-                             % (unknown, [n.name for n in graph.op_nodes()][:5]))
+    check_exclude(graph, exclude)
     units = _dynamic_units(graph, make_plan(graph, exclude), act_dtype)
     spec, values = _build_spec(graph, units, {}, per_channel, act_dtype)
     spec['preadd_ranges'] = {}

@@ -16,7 +16,7 @@ from ..nn.matmul import MATMUL_OPS
 from ..nn.shape_ops import SHAPE_OPS, SPLIT_OPS
 from .graph import parse_tuple
 
-__all__ = ['Unit', 'make_plan', 'ADD_OPS']
+__all__ = ['Unit', 'make_plan', 'check_exclude', 'ADD_OPS']
 
 ADD_OPS = ('elemwise_add', '_Plus', '_plus', '_add', 'broadcast_add')
 LAYER_OPS = ('Convolution', 'FullyConnected')
@@ -156,6 +156,15 @@ def _pool_problem(graph, node):
         return ("average pooling with ceil_mode: MXNet's int8 kernel divides edge windows by "
                 "the full kernel size, float pooling by the clipped size")
     return None
+
+
+def check_exclude(graph, exclude):
+    """Refuse ``exclude`` patterns that match no node of ``graph`` (nor a folded one)."""
+    names = [n.name for n in graph.nodes.values()] + list(graph.notes)
+    unknown = [p for p in exclude if not any(_matches(n, [p]) for n in names)]
+    if unknown:
+        raise ValueError('exclude: no layer matches %s; layer names look like %s'
+                         % (unknown, [n.name for n in graph.op_nodes()][:5]))
 
 
 def make_plan(graph, exclude=()):
