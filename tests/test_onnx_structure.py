@@ -12,6 +12,7 @@ subsampling before a strided 1x1 convolution) onnxruntime's integers, fed gluonq
 integer inputs, are compared with gluonq's.
 """
 import os
+import sys
 
 import mxnet as mx
 import numpy as np
@@ -28,6 +29,10 @@ ov = pytest.importorskip('openvino')
 gluoncv = pytest.importorskip('gluoncv')
 import gluonq.onnx as gonnx                                     # noqa: E402
 from gluonq.openvino import runtime_precisions                  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'benchmarks'))
+from bench_onnx import export_fp32, ort_quantize_static       # noqa: E402
 
 #: the weight type whose onnxruntime integers are exact on this CPU (see test_onnx.py)
 WEIGHTS = 'int8' if gonnx.ort_u8s8_exact() else 'uint8'
@@ -78,46 +83,6 @@ def _build(kind):
     return net, x
 
 
-def _float_onnx(net, x, path):
-    """The float ONNX of ``net`` (``mx.onnx.export_model``), with no initializer listed as
-    a graph input (as benchmarks/bench_onnx.py writes it)."""
-    prefix = os.path.join(os.path.dirname(path), 'float')
-    net.hybridize()
-    net(mx.nd.array(x[:1]))
-    net.export(prefix)
-    sym, arg, aux = mx.model.load_checkpoint(prefix, 0)
-    arg.update(aux)
-    mx.onnx.export_model(sym, arg, in_shapes=[x[:1].shape], in_types=[np.float32],
-                         onnx_file_path=path)
-    model = onnx.load(path)
-    inits = {t.name for t in model.graph.initializer}
-    keep = [i for i in model.graph.input if i.name not in inits]
-    del model.graph.input[:]
-    model.graph.input.extend(keep)
-    onnx.save(model, path)
-
-
-def _ort_quantize_static(fp32_path, out_path, x):
-    """onnxruntime's own int8 model: quant_pre_process, then QDQ U8S8 per channel MinMax."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
-                                          QuantFormat, QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    pre = out_path + '.pre.onnx'
-    quant_pre_process(fp32_path, pre)
-    name = onnx.load(pre).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{name: x[i:i + 1]} for i in range(len(x))])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(pre, out_path, Reader(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, calibrate_method=CalibrationMethod.MinMax)
-
-
 @pytest.fixture(scope='module', params=['resnet18_v1', 'bottlenecks'])
 def case(request, tmp_path_factory):
     """(qnet, calibration images, gluonq's ONNX path, onnxruntime's own QDQ path)."""
@@ -127,8 +92,8 @@ def case(request, tmp_path_factory):
     gq = str(tmp / 'gluonq.onnx')
     gonnx.export_onnx(qnet, gq, input_shape=(1,) + x.shape[1:], weight_dtype=WEIGHTS)
     fp32, anchor = str(tmp / 'fp32.onnx'), str(tmp / 'anchor.onnx')
-    _float_onnx(net, x, fp32)
-    _ort_quantize_static(fp32, anchor, x)
+    export_fp32(net, x[:1].shape, fp32, dynamic_batch=False)
+    ort_quantize_static(fp32, anchor, x, batch_size=1)
     return request.param, qnet, x, gq, anchor
 
 
