@@ -4,6 +4,7 @@
 * :func:`quantize_net` -- calibrate and convert a float network
 * :func:`quantize_dynamic` -- int8 dense layers and matmuls with ranges from each batch
 * :func:`save_quantized` / :func:`load_quantized` -- int8 checkpoints
+* :mod:`gluonq.deploy` -- deployment, one module per target (the next three functions)
 * :func:`export_fast`, :func:`export_compact` -- deployment files for stock MXNet
 * :func:`export_onnx` -- QDQ ONNX for onnxruntime (needs ``pip install gluonq[onnx]``)
 * :func:`export_openvino` -- OpenVINO IR, int8 (needs ``pip install gluonq[openvino]``)
@@ -14,7 +15,7 @@ __version__ = '0.1.0'
 
 from . import init, nn, quant                       # noqa: E402
 from .convert import QuantizedNet, quantize_dynamic, quantize_net  # noqa: E402
-from .export import export_compact, export_fast, load_quantized, save_quantized  # noqa: E402
-from .onnx import ONNXExportError, export_onnx                    # noqa: E402
-from .openvino import export_openvino                             # noqa: E402
+from .checkpoint import load_quantized, save_quantized            # noqa: E402
+from .deploy import (ONNXExportError, export_compact, export_fast, export_onnx,  # noqa: E402
+                     export_openvino)
 from .onnx_import import ONNXImportError, import_onnx      # noqa: E402

@@ -475,7 +475,7 @@ def main(argv=None):
     try:
         return run(args)
     except Exception as err:                        # pylint: disable=broad-except
-        from gluonq.onnx import ONNXExportError
+        from gluonq.deploy.onnx import ONNXExportError
         if not isinstance(err, (CliError, FileExistsError, FileNotFoundError,
                                 ONNXExportError)):
             raise

@@ -160,7 +160,7 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from .export import atomic_outputs
+    from .atomic import atomic_outputs
     n = len(rows)
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * n + 2), 4))
     idx = np.arange(n)

@@ -24,7 +24,7 @@ import pytest
 from mxnet.gluon import nn
 
 import gluonq
-from gluonq import lower as L
+from gluonq.deploy import lower as L
 from gluonq import quant
 from gluonq.convert.qnet import QuantizedNet
 

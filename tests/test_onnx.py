@@ -22,7 +22,7 @@ from gluonq import quant
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
-import gluonq.onnx as gonnx                                     # noqa: E402
+import gluonq.deploy.onnx as gonnx                              # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'examples'))

@@ -17,7 +17,7 @@ from mxnet.gluon import HybridBlock
 
 from .. import nn as qnn
 
-__all__ = ['QuantizedNet', 'FloatOp', 'BLOCKS', 'check_spec']
+__all__ = ['QuantizedNet', 'FloatOp', 'BLOCKS', 'check_spec', 'register_fast_path']
 
 #: block classes a step may name
 BLOCKS = {cls.__name__: cls for cls in (
@@ -25,6 +25,28 @@ BLOCKS = {cls.__name__: cls for cls in (
     qnn.QuantizedAdd, qnn.QuantizedConcat, qnn.QuantizedPooling, qnn.QuantizedFlatten,
     qnn.QuantizedActivation, qnn.QuantizedMatMul, qnn.QuantizedShapeOp, qnn.Quantize,
     qnn.Dequantize)}
+
+
+#: what ``QuantizedNet.hybridize()`` and ``QuantizedNet.export()`` run, registered by
+#: :mod:`gluonq.deploy.mxnet_export` (``gluonq.convert`` knows nothing of deployment)
+_FAST_PATH = {}
+
+
+def register_fast_path(lower, export, kernels_exact):
+    """Set the fast path of every QuantizedNet.
+
+    ``lower(qnet, exact=...)`` returns the LoweredNet ``hybridize()`` runs,
+    ``export(qnet, prefix, overwrite, epoch, exact)`` writes what ``export()`` writes, and
+    ``kernels_exact()`` says whether this CPU's fused int8 kernels are exact (VNNI).
+    """
+    _FAST_PATH.update(lower=lower, export=export, kernels_exact=kernels_exact)
+
+
+def _fast_path(name):
+    if not _FAST_PATH:
+        raise RuntimeError('QuantizedNet has no fast path registered (gluonq.deploy registers '
+                           'it when gluonq is imported)')
+    return _FAST_PATH[name]
 
 
 def mx_reason(err):
@@ -254,7 +276,8 @@ class QuantizedNet(HybridBlock):
 
     @property
     def lowered(self):
-        """The :class:`gluonq.lower.LoweredNet` the fast path runs (None before its build)."""
+        """The :class:`gluonq.deploy.lower.LoweredNet` the fast path runs (None before its
+        build)."""
         fast = getattr(self, '_fast', None)
         return fast.lowered if fast is not None else None
 
@@ -265,15 +288,14 @@ class QuantizedNet(HybridBlock):
             self.hybridize()
             fast = self._fast
         if fast.block is None:
-            from ..lower import int8_kernels_exact, lower
-            if not fast.exact and not int8_kernels_exact():
+            if not fast.exact and not _fast_path('kernels_exact')():
                 warnings.warn(
                     "this CPU has no VNNI: oneDNN's int8 kernels add pairs of uint8*int8 "
                     'products in int16 with saturation and round weights for int8 inputs (as '
                     "MXNet's own int8 and onnxruntime do on such CPUs), so the fast path can "
                     "differ slightly from gluonq's integers here; hybridize(exact=True) is "
                     'bit-exact but slower', RuntimeWarning, stacklevel=4)
-            fast.lowered = lower(self, exact=fast.exact)
+            fast.lowered = _fast_path('lower')(self, exact=fast.exact)
             blk = fast.lowered.block(release=True)
             hyb = {'static_alloc': True, 'static_shape': True}
             hyb.update(fast.kwargs)
@@ -308,10 +330,9 @@ class QuantizedNet(HybridBlock):
         path + '-0000.params')`` or ``mx.mod.Module``. Unlike Gluon, existing files are
         replaced only with ``overwrite=True``. Returns the two paths.
         """
-        from ..export import export_fast
         fast = getattr(self, '_fast', None)
-        return export_fast(self, path, overwrite=overwrite, epoch=epoch,
-                           exact=bool(fast is not None and fast.exact))
+        return _fast_path('export')(self, path, overwrite, epoch,
+                                    bool(fast is not None and fast.exact))
 
     def hybrid_forward(self, F, *inputs):
         env = self._run(inputs)

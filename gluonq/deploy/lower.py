@@ -94,9 +94,10 @@ from collections import OrderedDict
 import mxnet as mx
 import numpy as np
 
-from . import quant
-from .nn import QTensor
-from .nn import _base as qbase
+from .. import quant
+from ..convert.qnet import QuantizedNet
+from ..nn import QTensor
+from ..nn import _base as qbase
 
 __all__ = ['lower', 'LoweredNet', 'mx_range', 'MX_QRANGE', 'int8_kernels_exact',
            'halved_weights']
@@ -1213,7 +1214,6 @@ def lower(qnet, exact=True, int8_weights=False):
     (:meth:`_Lowerer.int8_weight_image`) and re-quantizes it on every call, and dense
     layers run gluonq's reference int8 dense. Same integers as the fp32-image graph.
     """
-    from .convert.qnet import QuantizedNet
     if not isinstance(qnet, QuantizedNet):
         raise TypeError('lower takes a QuantizedNet, got %s' % type(qnet).__name__)
     return _Lowerer(qnet, exact, int8_weights).run()

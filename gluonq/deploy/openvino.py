@@ -22,7 +22,8 @@ import re
 import shutil
 import tempfile
 
-from .export import atomic_outputs
+from ..atomic import atomic_outputs
+from .onnx import to_onnx
 
 __all__ = ['to_openvino', 'export_openvino', 'runtime_precisions']
 
@@ -38,7 +39,6 @@ def _ov():
 
 def to_openvino(qnet, input_shape=None, calib_data=None, calib_mode=None, dynamic_batch=True):
     """The ``openvino.Model`` of ``qnet`` (see :func:`export_openvino` for the arguments)."""
-    from .onnx import to_onnx
     ov = _ov()
     # int8 weights: OpenVINO's int8 convolutions take signed weights with no zero point
     # (uint8 weights with zero point 128 would be decompressed to float)

@@ -74,8 +74,9 @@ import json
 
 import numpy as np
 
-from . import quant
-from .export import atomic_outputs
+from .. import quant
+from ..atomic import atomic_outputs
+from ..convert.qnet import QuantizedNet, _find_op
 
 __all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'ONNXExportError', 'tensor_names',
            'residual_intermediates', 'onnx_zero_point', 'matching_weight_scales',
@@ -413,7 +414,7 @@ class _Builder:
         graph = helper.make_graph(self.nodes, 'gluonq_int8', inputs, outputs, self.inits)
         opsets = [helper.make_opsetid('', self.opset)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name='gluonq')
-        from . import __version__
+        from .. import __version__
         model.producer_version = __version__
         model.ir_version = helper.find_min_ir_version_for(opsets)
         tensors = {k: (v.name if isinstance(v, _QT) else v) for k, v in self.env.items()}
@@ -1021,7 +1022,6 @@ def _float_op(b, step, block):
         return
     import mxnet as mx
     from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
-    from .convert.qnet import _find_op
     name = step['name']
     ins = [b.as_float(k) for k in step['inputs']]
     shapes = [b.shapes[k] for k in step['inputs']]
@@ -1117,8 +1117,8 @@ def preadd_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
     ``calib_mode``. Returns ``{step name: (lo, hi)}``.
     """
     import mxnet as mx
-    from .calibration.collect import as_batches
-    from .calibration.observers import make_observer
+    from ..calibration.collect import as_batches
+    from ..calibration.observers import make_observer
     layers = [s for s in qnet.spec['steps'] if getattr(qnet._children[s['name']],
                                                          '_residual', False)]
     if not layers:
@@ -1165,7 +1165,6 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
             calib_data=None, calib_mode=None, check=True, return_info=False,
             weight_dtype='auto'):
     """The ONNX ModelProto of ``qnet`` (see :func:`export_onnx`)."""
-    from .convert.qnet import QuantizedNet
     if not isinstance(qnet, QuantizedNet):
         raise TypeError('export_onnx takes a QuantizedNet (from gluonq.quantize_net or '
                         'gluonq.load_quantized), got %s' % type(qnet).__name__)
