@@ -18,4 +18,5 @@ from .convert import QuantizedNet, quantize_dynamic, quantize_net  # noqa: E402
 from .checkpoint import load_quantized, save_quantized            # noqa: E402
 from .deploy import (ONNXExportError, export_compact, export_fast, export_onnx,  # noqa: E402
                      export_openvino)
+from . import export, lower, onnx, openvino  # noqa: E402,F401  (compatibility modules)
 from .onnx_import import ONNXImportError, import_onnx      # noqa: E402
