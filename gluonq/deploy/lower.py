@@ -88,6 +88,7 @@ kernel takes int8 weights as they are.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import OrderedDict
 
@@ -533,7 +534,11 @@ class LoweredNet:
                                              sorted(self.counts().items()))
 
 
-class _Lowerer:
+class _Context:
+    """What the lowering of one QuantizedNet holds while the handlers run: the symbols of
+    gluonq's tensors (``env``: float symbols and :class:`_T`), the fp32 parameters, the
+    integer block parameters and the per-step report."""
+
     def __init__(self, qnet, exact=True, int8_weights=False):
         self.qnet = qnet
         self.exact = exact
@@ -554,6 +559,12 @@ class _Lowerer:
             raise ValueError('duplicate lowered parameter %r' % name)
         self.params[name] = arr
         return mx.sym.var(name, shape=arr.shape, dtype=arr.dtype)
+
+    def int_const(self, name, value):
+        """An integer constant (stored as float32, cast in the graph)."""
+        v = np.asarray(value)
+        self.int_params[name] = (np.dtype(v.dtype).name, v)
+        return mx.sym.var(name, shape=v.shape, dtype=v.dtype)
 
     def block_param(self, p):
         """Variable of a gluonq block's parameter (integers are stored as float32 and cast)."""
@@ -580,7 +591,6 @@ class _Lowerer:
         return t.gq
 
     def unique(self, name):
-        import re
         base = re.sub(r'[^0-9A-Za-z_]', '_', name)
         name, k = base, 1
         while name in self.names or name in self.params:
@@ -596,37 +606,59 @@ class _Lowerer:
                             'lowering': lowering, 'reason': reason,
                             'scale_err': float(scale_err)})
 
-    # -- main loop --------------------------------------------------------------------------
+    # -- tensors of a step ------------------------------------------------------------------
+    def inputs_of(self, step):
+        return [self.env[k] for k in step['inputs']]
+
+    def as_ref_input(self, v):
+        return QTensor(_as_int(v), *self.gq_rng(v)) if isinstance(v, _T) else v
+
+    def set_out(self, step, value):
+        outs = step['outputs']
+        if len(outs) == 1:
+            self.env[outs[0]] = value
+        else:
+            for k, x in zip(outs, value):
+                self.env[k] = x
+
+    def quantize(self, x, key, dtype, M, name):
+        """float symbol -> _T with gluonq's quantize arithmetic."""
+        inv = quant.inv_scale_np(0.0 if dtype == 'uint8' else -M, M, dtype)
+        R, exact = mx_range(inv, dtype)
+        lo = 0.0 if dtype == 'uint8' else -float(R)
+        if exact:
+            q = mx.sym.contrib.quantize_v2(x, out_type=dtype, min_calib_range=_rng_attr(lo),
+                                           max_calib_range=_rng_attr(R), name=name)
+            return _T(key, q[0], dtype, M, R, mx_rng=(q[1], q[2]))
+        t = _T(key, None, dtype, M, R)
+        gmin, gmax = self.gq_rng(t)
+        t.data = mx.sym.contrib.quantize(x, gmin, gmax, out_type=dtype, name=name)[0]
+        return t
+
+    def weight_symbol(self, name, q, img, per_tensor):
+        """The fp32 weight image ``img`` of a fused layer: computed in the graph from the
+        int8 weights ``q`` with ``int8_weights`` (where that is exact), else a constant."""
+        img = img.reshape(q.shape)
+        wsym = _int8_weight_image(self, name, q, img, per_tensor) if self.int8_weights \
+            else None
+        return self.const(name + '_weight', img) if wsym is None else wsym
+
+    def add_int32_bias(self, acc, name, b_q):
+        """``acc`` (N, C, ...) plus gluonq's int32 bias ``b_q`` (None: no bias to add)."""
+        if b_q is None:
+            return acc
+        return mx.sym.broadcast_add(acc, mx.sym.reshape(
+            self.int_const(name + '_bias_int32', b_q.astype(np.int32)), (1, -1, 1, 1)))
+
+    # -- the whole network ------------------------------------------------------------------
     def run(self):
+        """Every step through its handler (:data:`HANDLERS`); the :class:`LoweredNet`."""
         spec = self.spec
         for name in spec['inputs']:
             self.env[name] = mx.sym.var(name)
         for step in spec['steps']:
             block = self.qnet._children[step['name']]
-            kind = step['block']
-            if kind == 'Quantize':
-                self.lower_quantize(step, block)
-            elif kind in ('QuantizedConv2D', 'QuantizedDense'):
-                self.lower_layer(step, block)
-            elif kind == 'QuantizedPooling':
-                self.lower_passthrough(step, block, 'pool')
-            elif kind == 'QuantizedFlatten':
-                self.lower_passthrough(step, block, 'flatten')
-            elif kind == 'QuantizedActivation':
-                self.lower_passthrough(step, block, 'relu')
-            elif kind == 'QuantizedShapeOp':
-                self.lower_passthrough(step, block, 'shape')
-            elif kind == 'QuantizedMatMul':
-                self.lower_reference(step, block, 'reference', _NO_INT8_MATMUL)
-            elif kind == 'QuantizedConcat':
-                self.lower_concat(step, block)
-            elif kind == 'QuantizedAdd':
-                self.lower_add(step, block)
-            elif kind == 'FloatOp':
-                self.lower_reference(step, block, 'float')
-            else:                       # Dequantize, 1-d / 3-d convolutions
-                self.lower_reference(step, block, 'reference' if kind != 'Dequantize'
-                                     else 'float')
+            HANDLERS.get(step['block'], _unhandled)(self, step, block)
         outs = []
         for k in spec['outputs']:
             v = self.env[k]
@@ -682,519 +714,607 @@ class _Lowerer:
             repl[name] = s
         return sym(**repl) if repl else sym
 
-    # -- inputs of a step ---------------------------------------------------------------------
-    def inputs_of(self, step):
-        return [self.env[k] for k in step['inputs']]
 
-    def as_ref_input(self, v):
-        return QTensor(_as_int(v), *self.gq_rng(v)) if isinstance(v, _T) else v
+# ---------------------------------------------------------------------------------------
+# one handler per step kind
+# ---------------------------------------------------------------------------------------
+#: step kind (the block class a step names) -> ``handler(ctx, step, block)``, which binds the
+#: step's outputs in ``ctx.env`` and records in ``ctx.note`` how the step was lowered
+HANDLERS = {}
 
-    def set_out(self, step, value):
-        outs = step['outputs']
-        if len(outs) == 1:
-            self.env[outs[0]] = value
-        else:
-            for k, x in zip(outs, value):
-                self.env[k] = x
 
-    # -- Quantize -------------------------------------------------------------------------------
-    def quantize(self, x, key, dtype, M, name):
-        """float symbol -> _T with gluonq's quantize arithmetic."""
-        inv = quant.inv_scale_np(0.0 if dtype == 'uint8' else -M, M, dtype)
-        R, exact = mx_range(inv, dtype)
-        lo = 0.0 if dtype == 'uint8' else -float(R)
-        if exact:
-            q = mx.sym.contrib.quantize_v2(x, out_type=dtype, min_calib_range=_rng_attr(lo),
-                                           max_calib_range=_rng_attr(R), name=name)
-            return _T(key, q[0], dtype, M, R, mx_rng=(q[1], q[2]))
-        t = _T(key, None, dtype, M, R)
-        gmin, gmax = self.gq_rng(t)
-        t.data = mx.sym.contrib.quantize(x, gmin, gmax, out_type=dtype, name=name)[0]
-        return t
+def handles(*kinds):
+    """Register the decorated function as the lowering of the steps of ``kinds``."""
+    def register(fn):
+        for kind in kinds:
+            HANDLERS[kind] = fn
+        return fn
+    return register
 
-    def lower_quantize(self, step, block):
-        x, = self.inputs_of(step)
-        if block._qp is None or isinstance(x, _T):
-            return self.lower_reference(step, block, 'reference', 'dynamic range')
-        qp = block._qp
-        t = self.quantize(x, step['outputs'][0], qp.dtype, qp.max, self.unique(step['name']))
-        self.set_out(step, t)
-        self.note(step, 'mxnet-op', '' if t.mx is not None else
-                  'range not representable in MXNet: gluonq quantize op')
 
-    # -- int8 ops with pass-through ranges ---------------------------------------------------
-    def lower_passthrough(self, step, block, kind):
-        x, = self.inputs_of(step)
-        if not isinstance(x, _T):
-            return self.lower_reference(step, block, 'reference', 'float input')
-        name = self.unique(step['name'])
-        if kind == 'relu' and x.mxdt == 'uint8':
-            self.set_out(step, x.like(step['outputs'][0], x.data, x.mx))
-            return self.note(step, 'mxnet-op', 'identity on uint8')
-        lo, hi = self.mx_rng(x)
-        if kind == 'pool':
-            r = mx.sym.contrib.quantized_pooling(x.data, lo, hi, name=name, **block._kwargs)
-        elif kind == 'flatten':
-            r = mx.sym.contrib.quantized_flatten(x.data, lo, hi, name=name)
-        elif kind == 'shape':
-            slow = block._op in _SLOW_INT8_SHAPE_OPS
-            r = block.apply(mx.sym, _as_float(x) if slow else x.data)
-            parts = [r[i] for i in range(block.num_outputs)] if block.num_outputs > 1 else [r]
-            if slow:
-                parts = [mx.sym.Cast(p, dtype=x.mxdt) for p in parts]
-            # a split: every part keeps the input's range
-            outs = [x.like(k, p, (lo, hi)) for k, p in zip(step['outputs'], parts)]
-            self.set_out(step, outs if len(outs) > 1 else outs[0])
-            return self.note(step, 'mxnet-op', 'on the float32 image of the integers (MXNet '
-                             'moves 8-bit elements slowly)' if slow else '')
-        else:
-            r = mx.sym.contrib.quantized_act(x.data, lo, hi, act_type='relu', name=name)
-        self.set_out(step, x.like(step['outputs'][0], r[0], (r[1], r[2])))
-        self.note(step, 'mxnet-op')
+def _reference(ctx, step, block, lowering, reason=''):
+    """The step as gluonq's own block (its reference chain) on the graph's tensors."""
+    ins = [ctx.as_ref_input(v) for v in ctx.inputs_of(step)]
+    for p in block.collect_params().values():
+        ctx.block_param(p)
+    res = block(*ins)
+    outs = step['outputs']
+    vals = [res] if len(outs) == 1 else list(res)
+    conv = []
+    for k, v in zip(outs, vals):
+        qt = qbase.as_qtensor(v) if not isinstance(v, mx.sym.Symbol) else None
+        if qt is None:
+            conv.append(v)
+            continue
+        dtype, M, mxdt = _out_qparams(ctx, step, block)
+        t = _T(k, qt.data, dtype, M, gq_rng=(qt.min, qt.max), mxdt=mxdt)
+        if M is None:
+            t.mx = (qt.min, qt.max)
+        conv.append(t)
+    ctx.set_out(step, conv[0] if len(outs) == 1 else conv)
+    ctx.note(step, lowering, reason)
 
-    # -- concat / add -----------------------------------------------------------------------
-    def lower_concat(self, step, block):
-        xs = self.inputs_of(step)
-        why = None
-        oq = block._out_q
-        if oq is None:
-            why = 'dynamic range'
-        elif not all(isinstance(x, _T) and x.static for x in xs):
-            why = 'input not a static int8 tensor'
-        elif any(x.dtype != oq.dtype or x.mxdt != oq.dtype for x in xs):
-            why = "MXNet's int8 concat needs inputs of the output's dtype"
-        else:
-            out = _T(step['outputs'][0], None, oq.dtype, oq.max)
-            r_out = max(x.R for x in xs)
-            sc_out = _mx_inv(oq.dtype, r_out)
-            for x in xs:
-                mx_f = f32(sc_out / x.mx_scale)
-                gq_f = f32(out.inv / x.inv)
-                copy_mx = sc_out == x.mx_scale
-                copy_gq = gq_f == f32(1)
-                if copy_mx != copy_gq or (not copy_mx and mx_f != gq_f):
-                    why = 'rescale factor of an input differs from gluonq'
-        if why:
-            return self.lower_reference(step, block, 'reference', why)
-        args = [x.data for x in xs]
+
+def _out_qparams(ctx, step, block):
+    """dtype, static range max (None: dynamic) and graph dtype of an int8 output of a
+    reference step."""
+    kind = step['block']
+    if kind == 'Quantize':
+        return block.out_dtype, (block._qp.max if block._qp is not None else None), \
+            block.out_dtype
+    if kind in ('QuantizedPooling', 'QuantizedFlatten', 'QuantizedActivation'):
+        src = ctx.env[step['inputs'][0]]
+        if isinstance(src, _T):
+            return src.dtype, src.M, src.mxdt
+    oq = getattr(block, '_out_q', None)
+    return block.out_dtype, (oq.max if oq is not None else None), block.out_dtype
+
+
+def _unhandled(ctx, step, block):
+    _reference(ctx, step, block, 'reference', 'no fast-path handler for %s' % step['block'])
+
+
+@handles('FloatOp', 'Dequantize')
+def _float_step(ctx, step, block):
+    _reference(ctx, step, block, 'float')
+
+
+@handles('QuantizedConv1D', 'QuantizedConv3D')
+def _conv_1d_3d(ctx, step, block):
+    _reference(ctx, step, block, 'reference')
+
+
+@handles('QuantizedMatMul')
+def _matmul(ctx, step, block):
+    _reference(ctx, step, block, 'reference', _NO_INT8_MATMUL)
+
+
+@handles('Quantize')
+def _quantize(ctx, step, block):
+    x, = ctx.inputs_of(step)
+    if block._qp is None or isinstance(x, _T):
+        return _reference(ctx, step, block, 'reference', 'dynamic range')
+    qp = block._qp
+    t = ctx.quantize(x, step['outputs'][0], qp.dtype, qp.max, ctx.unique(step['name']))
+    ctx.set_out(step, t)
+    ctx.note(step, 'mxnet-op', '' if t.mx is not None else
+             'range not representable in MXNet: gluonq quantize op')
+
+
+# -- int8 ops with pass-through ranges -----------------------------------------------------
+def _int8_input(ctx, step, block):
+    """The int8 input of a pass-through step, or None after lowering the step as reference
+    (float input)."""
+    x, = ctx.inputs_of(step)
+    if not isinstance(x, _T):
+        _reference(ctx, step, block, 'reference', 'float input')
+        return None
+    return x
+
+
+def _int8_result(ctx, step, x, r):
+    """Bind the output ``r`` of MXNet's int8 operator on ``x`` (same quantization)."""
+    ctx.set_out(step, x.like(step['outputs'][0], r[0], (r[1], r[2])))
+    ctx.note(step, 'mxnet-op')
+
+
+@handles('QuantizedPooling')
+def _pooling(ctx, step, block):
+    x = _int8_input(ctx, step, block)
+    if x is not None:
+        name = ctx.unique(step['name'])
+        lo, hi = ctx.mx_rng(x)
+        _int8_result(ctx, step, x, mx.sym.contrib.quantized_pooling(x.data, lo, hi, name=name,
+                                                                    **block._kwargs))
+
+
+@handles('QuantizedFlatten')
+def _flatten(ctx, step, block):
+    x = _int8_input(ctx, step, block)
+    if x is not None:
+        name = ctx.unique(step['name'])
+        lo, hi = ctx.mx_rng(x)
+        _int8_result(ctx, step, x, mx.sym.contrib.quantized_flatten(x.data, lo, hi, name=name))
+
+
+@handles('QuantizedActivation')
+def _relu(ctx, step, block):
+    x = _int8_input(ctx, step, block)
+    if x is None:
+        return
+    name = ctx.unique(step['name'])
+    if x.mxdt == 'uint8':
+        ctx.set_out(step, x.like(step['outputs'][0], x.data, x.mx))
+        return ctx.note(step, 'mxnet-op', 'identity on uint8')
+    lo, hi = ctx.mx_rng(x)
+    _int8_result(ctx, step, x, mx.sym.contrib.quantized_act(x.data, lo, hi, act_type='relu',
+                                                            name=name))
+
+
+@handles('QuantizedShapeOp')
+def _shape_op(ctx, step, block):
+    x = _int8_input(ctx, step, block)
+    if x is None:
+        return
+    ctx.unique(step['name'])
+    lo, hi = ctx.mx_rng(x)
+    slow = block._op in _SLOW_INT8_SHAPE_OPS
+    r = block.apply(mx.sym, _as_float(x) if slow else x.data)
+    parts = [r[i] for i in range(block.num_outputs)] if block.num_outputs > 1 else [r]
+    if slow:
+        parts = [mx.sym.Cast(p, dtype=x.mxdt) for p in parts]
+    # a split: every part keeps the input's range
+    outs = [x.like(k, p, (lo, hi)) for k, p in zip(step['outputs'], parts)]
+    ctx.set_out(step, outs if len(outs) > 1 else outs[0])
+    ctx.note(step, 'mxnet-op', 'on the float32 image of the integers (MXNet moves 8-bit '
+             'elements slowly)' if slow else '')
+
+
+# -- concat / add ----------------------------------------------------------------------------
+@handles('QuantizedConcat')
+def _concat(ctx, step, block):
+    xs = ctx.inputs_of(step)
+    why = None
+    oq = block._out_q
+    if oq is None:
+        why = 'dynamic range'
+    elif not all(isinstance(x, _T) and x.static for x in xs):
+        why = 'input not a static int8 tensor'
+    elif any(x.dtype != oq.dtype or x.mxdt != oq.dtype for x in xs):
+        why = "MXNet's int8 concat needs inputs of the output's dtype"
+    else:
+        out = _T(step['outputs'][0], None, oq.dtype, oq.max)
+        r_out = max(x.R for x in xs)
+        sc_out = _mx_inv(oq.dtype, r_out)
         for x in xs:
-            args += list(self.mx_rng(x))
-        r = mx.sym.contrib.quantized_concat(*args, num_args=len(xs), dim=block._dim,
-                                            name=self.unique(step['name']))
-        out.data, out.R, out.mx = r[0], f32(r_out), (r[1], r[2])
-        self.set_out(step, out)
-        self.note(step, 'mxnet-op')
+            mx_f = f32(sc_out / x.mx_scale)
+            gq_f = f32(out.inv / x.inv)
+            copy_mx = sc_out == x.mx_scale
+            copy_gq = gq_f == f32(1)
+            if copy_mx != copy_gq or (not copy_mx and mx_f != gq_f):
+                why = 'rescale factor of an input differs from gluonq'
+    if why:
+        return _reference(ctx, step, block, 'reference', why)
+    args = [x.data for x in xs]
+    for x in xs:
+        args += list(ctx.mx_rng(x))
+    r = mx.sym.contrib.quantized_concat(*args, num_args=len(xs), dim=block._dim,
+                                        name=ctx.unique(step['name']))
+    out.data, out.R, out.mx = r[0], f32(r_out), (r[1], r[2])
+    ctx.set_out(step, out)
+    ctx.note(step, 'mxnet-op')
 
-    def lower_add(self, step, block):
-        a, b = self.inputs_of(step)
-        oq = block._out_q
-        why = None
-        if oq is None or block._out_dtype == 'float32':
-            why = 'float or dynamic output'
-        elif not (isinstance(a, _T) and isinstance(b, _T) and a.static and b.static):
-            why = 'input not a static int8 tensor'
-        elif not (a.dtype == b.dtype == oq.dtype == a.mxdt == b.mxdt):
-            why = "MXNet's int8 add mixes dtypes through an int8 buffer"
-        elif block._relu and oq.dtype != 'uint8':
-            why = 'ReLU on a signed sum has no int8 kernel'
-        if why is None:
-            out = _T(step['outputs'][0], None, oq.dtype, oq.max)
-            want = [f32(out.inv / a.inv), f32(out.inv / b.inv)]
-            chosen = None
-            for R in _ulp_steps(out.R, _WINDOW)[0]:
-                sc = _mx_inv(oq.dtype, R)
-                if f32(sc / a.mx_scale) == want[0] and f32(sc / b.mx_scale) == want[1]:
-                    chosen = R
-                    break
-            if chosen is None:
-                why = 'no MXNet range gives the same rescale factors'
-        if why:
-            return self.lower_reference(step, block, 'reference', why)
-        lo = 0.0 if oq.dtype == 'uint8' else -float(chosen)
-        (amin, amax), (bmin, bmax) = self.mx_rng(a), self.mx_rng(b)
-        r = mx.sym.contrib.quantized_elemwise_add(
-            a.data, b.data, amin, amax, bmin, bmax, min_calib_range=_rng_attr(lo),
-            max_calib_range=_rng_attr(chosen), name=self.unique(step['name']))
-        out.data, out.R, out.mx = r[0], f32(chosen), (r[1], r[2])
-        self.set_out(step, out)
-        self.note(step, 'mxnet-op')
 
-    # -- reference ---------------------------------------------------------------------------
-    def lower_reference(self, step, block, lowering, reason=''):
-        ins = [self.as_ref_input(v) for v in self.inputs_of(step)]
-        for p in block.collect_params().values():
-            self.block_param(p)
-        res = block(*ins)
-        outs = step['outputs']
-        vals = [res] if len(outs) == 1 else list(res)
-        conv = []
-        for k, v in zip(outs, vals):
-            qt = qbase.as_qtensor(v) if not isinstance(v, mx.sym.Symbol) else None
-            if qt is None:
-                conv.append(v)
-                continue
-            dtype, M, mxdt = self.out_qparams(step, block)
-            t = _T(k, qt.data, dtype, M, gq_rng=(qt.min, qt.max), mxdt=mxdt)
-            if M is None:
-                t.mx = (qt.min, qt.max)
-            conv.append(t)
-        self.set_out(step, conv[0] if len(outs) == 1 else conv)
-        self.note(step, lowering, reason)
+@handles('QuantizedAdd')
+def _add(ctx, step, block):
+    a, b = ctx.inputs_of(step)
+    oq = block._out_q
+    why = None
+    if oq is None or block._out_dtype == 'float32':
+        why = 'float or dynamic output'
+    elif not (isinstance(a, _T) and isinstance(b, _T) and a.static and b.static):
+        why = 'input not a static int8 tensor'
+    elif not (a.dtype == b.dtype == oq.dtype == a.mxdt == b.mxdt):
+        why = "MXNet's int8 add mixes dtypes through an int8 buffer"
+    elif block._relu and oq.dtype != 'uint8':
+        why = 'ReLU on a signed sum has no int8 kernel'
+    if why is None:
+        out = _T(step['outputs'][0], None, oq.dtype, oq.max)
+        want = [f32(out.inv / a.inv), f32(out.inv / b.inv)]
+        chosen = None
+        for R in _ulp_steps(out.R, _WINDOW)[0]:
+            sc = _mx_inv(oq.dtype, R)
+            if f32(sc / a.mx_scale) == want[0] and f32(sc / b.mx_scale) == want[1]:
+                chosen = R
+                break
+        if chosen is None:
+            why = 'no MXNet range gives the same rescale factors'
+    if why:
+        return _reference(ctx, step, block, 'reference', why)
+    lo = 0.0 if oq.dtype == 'uint8' else -float(chosen)
+    (amin, amax), (bmin, bmax) = ctx.mx_rng(a), ctx.mx_rng(b)
+    r = mx.sym.contrib.quantized_elemwise_add(
+        a.data, b.data, amin, amax, bmin, bmax, min_calib_range=_rng_attr(lo),
+        max_calib_range=_rng_attr(chosen), name=ctx.unique(step['name']))
+    out.data, out.R, out.mx = r[0], f32(chosen), (r[1], r[2])
+    ctx.set_out(step, out)
+    ctx.note(step, 'mxnet-op')
 
-    def out_qparams(self, step, block):
-        """dtype, static range max (None: dynamic) and graph dtype of an int8 output of a
-        reference step."""
-        kind = step['block']
-        if kind == 'Quantize':
-            return block.out_dtype, (block._qp.max if block._qp is not None else None), \
-                block.out_dtype
-        if kind in ('QuantizedPooling', 'QuantizedFlatten', 'QuantizedActivation'):
-            src = self.env[step['inputs'][0]]
-            if isinstance(src, _T):
-                return src.dtype, src.M, src.mxdt
-        oq = getattr(block, '_out_q', None)
-        return block.out_dtype, (oq.max if oq is not None else None), block.out_dtype
 
-    # -- layers -------------------------------------------------------------------------------
-    @staticmethod
-    def output_ranges(out, x, residual, limit=6):
-        """Candidate MXNet ranges of a fused layer's output, best first.
-
-        The kernel's requantize multiplier is ``f32(f32(out_scale / data_scale) / w_c)``;
-        gluonq's is ``f32(f32(inv_out / inv_in) / inv_w_c)``. Ranges whose ``out_scale``
-        makes the first quotient equal gluonq's let the weight images keep gluonq's own
-        scales (the only option for channels whose extreme weight is -127); gluonq's own
-        output range comes first when it qualifies. With a fused residual, the sum factor
-        ``f32(out_scale / sum_scale)`` must also equal ``f32(inv_out / inv_r)``. If no range
-        qualifies, the ranges nearest to gluonq's are returned (the weight images then
-        absorb the difference where they can).
-        """
-        dt = out.mxdt
-        g = f32(out.inv / x.inv)
-        seeds = [out.R, f32(MX_QRANGE[dt] / f32(g * x.mx_scale))]
-        cands = np.unique(np.concatenate([_ulp_steps(v, _WINDOW)[0] for v in seeds]))
-        scales = (MX_QRANGE[dt] / cands).astype(f32)
-        ok = np.ones(cands.shape, bool)
-        if residual is not None:
-            ok &= (scales / residual.mx_scale).astype(f32) == f32(out.inv / residual.inv)
-        exact = ok & ((scales / x.mx_scale).astype(f32) == g)
-        dist = np.abs(cands.astype(np.float64) - float(out.R))
-        order = np.lexsort((dist, cands != out.R))
-        best = [cands[i] for i in order if exact[i]]
-        rest = [cands[i] for i in order if ok[i] and not exact[i]]
-        return (best + rest)[:limit]
-
-    def int8_weight_image(self, name, q, img, per_tensor):
-        """The fp32 image ``img`` of int8 weights ``q`` computed in the graph from ``q``.
-
-        ``image = f32(q * s) + one_hot(anchor) * d`` per output channel, with ``s`` the
-        image's scale and ``d`` moving each channel's anchor element to the image's exact
-        maximum. Returns None when that expression does not give an image the kernel
-        re-quantizes exactly like ``img`` (then the layer keeps its fp32 image).
-        """
-        C = q.shape[0]
-        q2 = q.reshape(C, -1).astype(np.int64)
-        im = img.reshape(C, -1)
-        amax = np.abs(im).max(axis=1)
-        T = np.full(C, np.abs(im).max(), f32) if per_tensor else amax.astype(f32)
-        w = (f32(127.5) / T).astype(f32)
-        scale = (T.astype(np.float64) / 127.5).astype(f32)
-        new = (q2.astype(f32) * scale[:, None]).astype(f32)
-        anchor = np.argmax(np.abs(im) == T[:, None], axis=1)
-        has = np.abs(im[np.arange(C), anchor]) == T
-        target = np.where(has, im[np.arange(C), anchor], new[np.arange(C), anchor])
-        delta = (target - new[np.arange(C), anchor]).astype(f32)
-        new[np.arange(C), anchor] = (new[np.arange(C), anchor] + delta).astype(f32)
-        ok = np.array_equal(_rederive(new, w), q2) and \
-            np.array_equal(np.abs(new).max(axis=1) if not per_tensor else
-                           np.full(C, np.abs(new).max()), T) and \
-            np.array_equal(new[np.arange(C), anchor], target)
+# -- conv / dense ------------------------------------------------------------------------------
+@handles('QuantizedConv2D', 'QuantizedDense')
+def _layer(ctx, step, block):
+    """A fused kernel with the requantize, ReLU and residual sum inside ("fused"), a fused
+    int8 convolution returning int32 plus gluonq's epilogue ("int32"), the "split"
+    convolution (no VNNI, ``exact=True``) or gluonq's block ("reference")."""
+    operands = _layer_operands(ctx, step, block)
+    if operands is None:
+        return
+    x, residual, q, s_w, b_q = operands
+    is_conv = step['block'] == 'QuantizedConv2D'
+    if ctx.exact and not int8_kernels_exact():
+        if not is_conv:
+            return _reference(ctx, step, block, 'reference', _NO_VNNI)
+        return _split_conv(ctx, step, block, x, residual, q, s_w, b_q)
+    C = q.shape[0]
+    q2d = q.reshape(C, -1)
+    mode, why, out_mxdt = _layer_mode(block, is_conv, residual, q)
+    out = img = bimg = None
+    if mode == 'requant':
+        mode, why, out, img, bimg = _requant_images(ctx, step, block, x, residual, q2d, s_w,
+                                                    b_q, out_mxdt)
+    elif mode == 'float':
+        img, bimg, ok, note = _weight_images(q2d, s_w, x.mx_scale, None, None, b_q)
         if not ok:
-            return None
-        qv = mx.sym.var(name + '_weight_int8', shape=q.shape, dtype='int8')
-        self.params[name + '_weight_int8'] = q.astype(np.int8)
-        shape = (C,) + (1,) * (q.ndim - 1)
-        y = mx.sym.broadcast_mul(mx.sym.Cast(qv, dtype='float32'),
-                                 mx.sym.reshape(self.const(name + '_weight_scale', scale), shape))
-        corr = mx.sym.broadcast_mul(
-            mx.sym.one_hot(self.const(name + '_weight_anchor', anchor.astype(f32)),
-                           depth=q2.shape[1]),
-            mx.sym.reshape(self.const(name + '_weight_delta', delta), (C, 1)))
-        return mx.sym.broadcast_add(y, mx.sym.reshape(corr, q.shape))
+            mode, why = 'int32', note
+    if mode == 'int32':
+        if not is_conv:
+            return _reference(ctx, step, block, 'reference', why)
+        img, bimg = _int32_images(q2d, b_q, x.mx_scale)
+        if img is None:
+            return _reference(ctx, step, block, 'reference', 'no weight of magnitude 127')
+    name = ctx.unique(step['name'])
+    fused = _fused_layer(ctx, block, name, is_conv, mode, x, residual, q, img, bimg, out,
+                         out_mxdt)
+    if mode == 'requant':
+        out.data, out.mx = fused[0], (fused[1], fused[2])
+        ctx.set_out(step, out)
+        t0 = (f32(127.5) * s_w).astype(f32)
+        err = np.abs(np.abs(img.reshape(C, -1)).max(axis=1) / t0 - 1).max()
+        return ctx.note(step, 'fused', why, scale_err=err if err > 1e-6 else 0.0)
+    if mode == 'float':
+        y = fused if len(fused.list_outputs()) == 1 else fused[0]
+        if block._act_type not in (None, 'relu'):
+            y = mx.sym.Activation(y, act_type=block._act_type)
+        ctx.set_out(step, y)
+        return ctx.note(step, 'fused', 'float output')
+    acc = ctx.add_int32_bias(fused[0], name, None if bimg is not None else b_q)
+    ctx.set_out(step, _epilogue(ctx, step, block, acc, x, residual, s_w, name))
+    ctx.note(step, 'int32', why)
 
-    def lower_layer(self, step, block):
-        ins = self.inputs_of(step)
-        x = ins[0]
-        residual = ins[1] if len(ins) > 1 else None
-        is_conv = step['block'] == 'QuantizedConv2D'
-        why = None
-        if self.int8_weights and not is_conv:
-            return self.lower_reference(step, block, 'reference',
-                                        'int8 weights: the int8 dense kernel reads them as is')
-        if not block.is_static:
-            why = 'dynamic input range'
-        elif is_conv and block._kwargs['layout'] != 'NCHW':
-            why = 'layout'
-        elif block._out_dtype != 'float32' and block._out_q is None:
-            why = 'dynamic output range'
-        if why:
-            return self.lower_reference(step, block, 'reference', why)
-        in_q = block._in_q
-        if isinstance(x, _T):
-            if not x.static or x.dtype != in_q.dtype or x.M != float(f32(in_q.max)):
-                return self.lower_reference(step, block, 'reference',
-                                            'input range differs from the layer calibration')
-        else:
-            x = self.quantize(x, step['name'] + '_in', in_q.dtype, in_q.max,
-                              self.unique(step['name'] + '_quantize'))
-        params = {k[len(block.params.prefix):]: p for k, p in block.params.items()}
-        q = params['weight'].data().asnumpy()
-        C = q.shape[0]
-        s_w = np.broadcast_to(params['weight_scale'].data().asnumpy().astype(f32).reshape(-1),
-                              (C,)).astype(f32)
-        b_q = params['bias'].data().asnumpy().astype(np.int64) if 'bias' in params else None
-        if self.exact and not int8_kernels_exact():
-            if not is_conv:
-                return self.lower_reference(step, block, 'reference', _NO_VNNI)
-            return self.lower_split(step, block, x, residual, q, s_w, b_q)
-        q2d = q.reshape(C, -1)
-        groups = block._kwargs['num_group'] if is_conv else 1
-        depthwise = groups > 1 and groups == C and q.shape[1] == 1
-        out_dt = block._out_dtype
-        act = block._act_type
-        mode, why = 'requant', ''
-        # MXNet types a fused output uint8 exactly when a ReLU is fused
-        out_mxdt = 'uint8' if (act == 'relu' or out_dt == 'uint8') else 'int8'
-        if out_dt == 'float32':
-            mode = 'float' if (not is_conv and residual is None) else 'int32'
-            why = 'float output' if mode == 'int32' else ''
-        elif residual is not None:
-            if not is_conv:
-                mode, why = 'int32', 'dense has no fused residual sum'
-            elif not isinstance(residual, _T) or not residual.static:
-                mode, why = 'int32', 'residual is not a static int8 tensor'
-            elif residual.mxdt != out_mxdt and not (
-                    act == 'relu' and out_dt == 'int8' and residual.mxdt == 'int8'):
-                # oneDNN computes the sum in the operand's dtype, in place: an int8 operand
-                # with a fused ReLU saturates at 127, a uint8 one without ReLU wraps. The
-                # first is exactly gluonq's ReLU'd int8 output ("u7"), so that case fuses.
-                mode, why = 'int32', ('%s residual into a %s output: MXNet computes the fused '
-                                      'sum in the operand dtype' % (residual.mxdt, out_dt))
-        elif act == 'relu' and out_dt == 'int8':
-            mode, why = 'int32', 'ReLU with int8 output (a fused ReLU makes uint8 up to 255)'
-        if groups > 1 and not depthwise:
-            mode, why = 'int32', 'grouped conv (1 < groups < channels): kernel scale bug'
-        chmax = np.abs(q2d).max(axis=1)
-        if mode != 'int32' and not (chmax == 127).all():
-            mode, why = 'int32', ('all-zero weight channel' if (chmax == 0).any() else
-                                  'weight channel without +-127 (per-tensor weight scale)')
-        dscale = x.mx_scale
-        out = img = bimg = None
-        if mode == 'requant':
-            out = _T(step['outputs'][0], None, out_dt, block._out_q.max, mxdt=out_mxdt)
-            m = quant.requantize_multiplier_np(out.inv, x.inv, quant.weight_inv_scale_np(s_w))
-            m = np.broadcast_to(m, (C,)).astype(f32)
-            for R in self.output_ranges(out, x, residual):
-                ratio = f32(_mx_inv(out_mxdt, R) / dscale)
-                img, bimg, ok, note = _weight_images(q2d, s_w, dscale, ratio, m, b_q)
-                if ok:
-                    out.R, why = f32(R), note
-                    break
-            else:
-                img = None
-                if not self.exact:
-                    img, bimg, ok, note = _weight_images(q2d, s_w, dscale, None, None, b_q,
-                                                         approx=True)
-                    if ok:
-                        cands = self.output_ranges(out, x, residual)
-                        out.R = cands[0] if cands else out.R
-                        why = note if note.startswith('approximate') else (
-                            'approximate: requantize multipliers within 1 float32 ulp of '
-                            "gluonq's (the range has no exact MXNet form)")
-                if img is None:
-                    mode, why = 'int32', ('the range has no exact MXNet form: no fp32 image '
-                                          'gives the requantize multipliers exactly')
-        elif mode == 'float':
-            img, bimg, ok, note = _weight_images(q2d, s_w, dscale, None, None, b_q)
-            if not ok:
-                mode, why = 'int32', note
-        if mode == 'int32':
-            if not is_conv:
-                return self.lower_reference(step, block, 'reference', why)
-            img, ok = _tensor_image(q2d)
-            if not ok:
-                return self.lower_reference(step, block, 'reference',
-                                            'no weight of magnitude 127')
-            bimg = None
-            if b_q is not None:
-                w = f32(f32(127.5) / np.abs(img).max())
-                bimg, bex = _bias_images(b_q, dscale, np.full(C, w, f32))
-                bimg = bimg if bex.all() else None
-        name = self.unique(step['name'])
-        inputs = [x.data, self.weight_symbol(name, q, img, per_tensor=mode == 'int32')]
-        sub = [_var('data'), _var('weight')]
-        if bimg is not None:
-            inputs.append(self.const(name + '_bias', bimg))
-            sub.append(_var('bias'))
-        lattrs = {'no_bias': str(bimg is None)}
-        if is_conv:
-            lattrs.update(_conv_attrs(block))
-            sub.append({'op': 'Convolution', 'name': name + '_conv', 'attrs': lattrs,
-                        'inputs': [[i, 0, 0] for i in range(len(sub))]})
-        else:
-            lattrs.update(num_hidden=str(C), flatten=str(bool(block._flatten)))
-            sub.append({'op': 'FullyConnected', 'name': name + '_fc', 'attrs': lattrs,
-                        'inputs': [[i, 0, 0] for i in range(len(sub))]})
-        relu = mode in ('requant', 'float') and (act == 'relu' or out_dt == 'uint8')
-        with_sum = mode == 'requant' and residual is not None
 
-        def add_relu():
-            sub.append({'op': 'Activation', 'name': name + '_relu',
-                        'attrs': {'act_type': 'relu'}, 'inputs': [[len(sub) - 1, 0, 0]]})
+def _layer_operands(ctx, step, block):
+    """``(x, residual, q, s_w, b_q)`` of a conv / dense step a fused kernel can take: its
+    int8 input (quantized here from a float input), the residual (or None), the int8
+    weights, their scales per output channel and the int32 bias (or None). None after
+    lowering the step as reference."""
+    ins = ctx.inputs_of(step)
+    x = ins[0]
+    residual = ins[1] if len(ins) > 1 else None
+    is_conv = step['block'] == 'QuantizedConv2D'
+    why = None
+    if ctx.int8_weights and not is_conv:
+        why = 'int8 weights: the int8 dense kernel reads them as is'
+    elif not block.is_static:
+        why = 'dynamic input range'
+    elif is_conv and block._kwargs['layout'] != 'NCHW':
+        why = 'layout'
+    elif block._out_dtype != 'float32' and block._out_q is None:
+        why = 'dynamic output range'
+    in_q = block._in_q
+    if why is None and isinstance(x, _T) and (
+            not x.static or x.dtype != in_q.dtype or x.M != float(f32(in_q.max))):
+        why = 'input range differs from the layer calibration'
+    if why:
+        _reference(ctx, step, block, 'reference', why)
+        return None
+    if not isinstance(x, _T):
+        x = ctx.quantize(x, step['name'] + '_in', in_q.dtype, in_q.max,
+                         ctx.unique(step['name'] + '_quantize'))
+    params = {k[len(block.params.prefix):]: p for k, p in block.params.items()}
+    q = params['weight'].data().asnumpy()
+    C = q.shape[0]
+    s_w = np.broadcast_to(params['weight_scale'].data().asnumpy().astype(f32).reshape(-1),
+                          (C,)).astype(f32)
+    b_q = params['bias'].data().asnumpy().astype(np.int64) if 'bias' in params else None
+    return x, residual, q, s_w, b_q
 
-        if is_conv:
-            attrs = {'quantized': 'true'}
-            if relu and not with_sum:
-                attrs['with_act'] = 'true'
-                add_relu()
-            if with_sum:
-                attrs['with_sum'] = 'true'
-                inputs.append(residual.data)
-                sub.append(_var('sum'))
-                sub.append({'op': 'elemwise_add', 'name': name + '_add',
-                            'inputs': [[len(sub) - 2, 0, 0], [len(sub) - 1, 0, 0]]})
-                if relu:
-                    attrs['with_postsum_act'] = 'true'
-                    add_relu()
-        else:
-            attrs = {'quantized': 'True', 'channel_wise_quantize': 'True'}
-            if relu:
-                attrs['with_eltwise'] = 'True'
-                add_relu()
-            if mode == 'float':
-                attrs['enable_float_output'] = 'True'
-        if mode == 'requant':
-            attrs['min_calib_range'] = _rng_attr(0.0 if out_mxdt == 'uint8' else -out.R)
-            attrs['max_calib_range'] = _rng_attr(out.R)
-        inputs += list(self.mx_rng(x))
+
+def _layer_mode(block, is_conv, residual, q):
+    """``(mode, why, out_mxdt)`` of a layer with int8 weights ``q``: 'requant' (the kernel
+    requantizes), 'float' (float output) or 'int32' (and the reason why not), and the MXNet
+    dtype of a fused output."""
+    C = q.shape[0]
+    q2d = q.reshape(C, -1)
+    groups = block._kwargs['num_group'] if is_conv else 1
+    depthwise = groups > 1 and groups == C and q.shape[1] == 1
+    out_dt = block._out_dtype
+    act = block._act_type
+    mode, why = 'requant', ''
+    # MXNet types a fused output uint8 exactly when a ReLU is fused
+    out_mxdt = 'uint8' if (act == 'relu' or out_dt == 'uint8') else 'int8'
+    if out_dt == 'float32':
+        mode = 'float' if (not is_conv and residual is None) else 'int32'
+        why = 'float output' if mode == 'int32' else ''
+    elif residual is not None:
+        if not is_conv:
+            mode, why = 'int32', 'dense has no fused residual sum'
+        elif not isinstance(residual, _T) or not residual.static:
+            mode, why = 'int32', 'residual is not a static int8 tensor'
+        elif residual.mxdt != out_mxdt and not (
+                act == 'relu' and out_dt == 'int8' and residual.mxdt == 'int8'):
+            # oneDNN computes the sum in the operand's dtype, in place: an int8 operand
+            # with a fused ReLU saturates at 127, a uint8 one without ReLU wraps. The
+            # first is exactly gluonq's ReLU'd int8 output ("u7"), so that case fuses.
+            mode, why = 'int32', ('%s residual into a %s output: MXNet computes the fused '
+                                  'sum in the operand dtype' % (residual.mxdt, out_dt))
+    elif act == 'relu' and out_dt == 'int8':
+        mode, why = 'int32', 'ReLU with int8 output (a fused ReLU makes uint8 up to 255)'
+    if groups > 1 and not depthwise:
+        mode, why = 'int32', 'grouped conv (1 < groups < channels): kernel scale bug'
+    chmax = np.abs(q2d).max(axis=1)
+    if mode != 'int32' and not (chmax == 127).all():
+        mode, why = 'int32', ('all-zero weight channel' if (chmax == 0).any() else
+                              'weight channel without +-127 (per-tensor weight scale)')
+    return mode, why, out_mxdt
+
+
+def _requant_images(ctx, step, block, x, residual, q2d, s_w, b_q, out_mxdt):
+    """``(mode, why, out, img, bimg)`` of a layer whose kernel requantizes: its output
+    tensor with the MXNet range chosen, and the weight and bias images that give gluonq's
+    multipliers with it; mode 'int32' (no images) where none does."""
+    C = q2d.shape[0]
+    dscale = x.mx_scale
+    out = _T(step['outputs'][0], None, block._out_dtype, block._out_q.max, mxdt=out_mxdt)
+    m = quant.requantize_multiplier_np(out.inv, x.inv, quant.weight_inv_scale_np(s_w))
+    m = np.broadcast_to(m, (C,)).astype(f32)
+    for R in _output_ranges(out, x, residual):
+        ratio = f32(_mx_inv(out_mxdt, R) / dscale)
+        img, bimg, ok, note = _weight_images(q2d, s_w, dscale, ratio, m, b_q)
+        if ok:
+            out.R = f32(R)
+            return 'requant', note, out, img, bimg
+    if not ctx.exact:
+        img, bimg, ok, note = _weight_images(q2d, s_w, dscale, None, None, b_q, approx=True)
+        if ok:
+            cands = _output_ranges(out, x, residual)
+            out.R = cands[0] if cands else out.R
+            why = note if note.startswith('approximate') else (
+                'approximate: requantize multipliers within 1 float32 ulp of '
+                "gluonq's (the range has no exact MXNet form)")
+            return 'requant', why, out, img, bimg
+    return 'int32', ('the range has no exact MXNet form: no fp32 image gives the requantize '
+                     'multipliers exactly'), out, None, None
+
+
+def _int32_images(q2d, b_q, dscale):
+    """``(img, bimg)`` of a fused convolution returning int32: one weight scale for the
+    tensor, a bias image where one rounds back exactly (else None: the bias is added as
+    int32 after); ``(None, None)`` without a weight of magnitude 127."""
+    img, ok = _tensor_image(q2d)
+    if not ok:
+        return None, None
+    bimg = None
+    if b_q is not None:
+        w = f32(f32(127.5) / np.abs(img).max())
+        bimg, bex = _bias_images(b_q, dscale, np.full(q2d.shape[0], w, f32))
+        bimg = bimg if bex.all() else None
+    return img, bimg
+
+
+def _fused_layer(ctx, block, name, is_conv, mode, x, residual, q, img, bimg, out, out_mxdt):
+    """The ``_sg_mkldnn_conv`` / ``_sg_mkldnn_fully_connected`` node of a layer lowered
+    'requant', 'float' or 'int32'."""
+    C = q.shape[0]
+    act, out_dt = block._act_type, block._out_dtype
+    inputs = [x.data, ctx.weight_symbol(name, q, img, per_tensor=mode == 'int32')]
+    sub = [_var('data'), _var('weight')]
+    if bimg is not None:
+        inputs.append(ctx.const(name + '_bias', bimg))
+        sub.append(_var('bias'))
+    lattrs = {'no_bias': str(bimg is None)}
+    if is_conv:
+        lattrs.update(_conv_attrs(block))
+        sub.append({'op': 'Convolution', 'name': name + '_conv', 'attrs': lattrs,
+                    'inputs': [[i, 0, 0] for i in range(len(sub))]})
+    else:
+        lattrs.update(num_hidden=str(C), flatten=str(bool(block._flatten)))
+        sub.append({'op': 'FullyConnected', 'name': name + '_fc', 'attrs': lattrs,
+                    'inputs': [[i, 0, 0] for i in range(len(sub))]})
+    relu = mode in ('requant', 'float') and (act == 'relu' or out_dt == 'uint8')
+    with_sum = mode == 'requant' and residual is not None
+
+    def add_relu():
+        sub.append({'op': 'Activation', 'name': name + '_relu',
+                    'attrs': {'act_type': 'relu'}, 'inputs': [[len(sub) - 1, 0, 0]]})
+
+    if is_conv:
+        attrs = {'quantized': 'true'}
+        if relu and not with_sum:
+            attrs['with_act'] = 'true'
+            add_relu()
         if with_sum:
-            inputs += list(self.mx_rng(residual))
-        fused = _fused('_sg_mkldnn_conv' if is_conv else '_sg_mkldnn_fully_connected', name,
-                       attrs, sub, inputs)
-        if mode == 'requant':
-            out.data, out.mx = fused[0], (fused[1], fused[2])
-            self.set_out(step, out)
-            t0 = (f32(127.5) * s_w).astype(f32)
-            err = np.abs(np.abs(img.reshape(C, -1)).max(axis=1) / t0 - 1).max()
-            return self.note(step, 'fused', why, scale_err=err if err > 1e-6 else 0.0)
+            attrs['with_sum'] = 'true'
+            inputs.append(residual.data)
+            sub.append(_var('sum'))
+            sub.append({'op': 'elemwise_add', 'name': name + '_add',
+                        'inputs': [[len(sub) - 2, 0, 0], [len(sub) - 1, 0, 0]]})
+            if relu:
+                attrs['with_postsum_act'] = 'true'
+                add_relu()
+    else:
+        attrs = {'quantized': 'True', 'channel_wise_quantize': 'True'}
+        if relu:
+            attrs['with_eltwise'] = 'True'
+            add_relu()
         if mode == 'float':
-            y = fused if len(fused.list_outputs()) == 1 else fused[0]
-            if act not in (None, 'relu'):
-                y = mx.sym.Activation(y, act_type=act)
-            self.set_out(step, y)
-            return self.note(step, 'fused', 'float output')
-        acc = self.add_int32_bias(fused[0], name, None if bimg is not None else b_q)
-        self.set_out(step, self.epilogue(step, block, acc, x, residual, s_w, name))
-        self.note(step, 'int32', why)
+            attrs['enable_float_output'] = 'True'
+    if mode == 'requant':
+        attrs['min_calib_range'] = _rng_attr(0.0 if out_mxdt == 'uint8' else -out.R)
+        attrs['max_calib_range'] = _rng_attr(out.R)
+    inputs += list(ctx.mx_rng(x))
+    if with_sum:
+        inputs += list(ctx.mx_rng(residual))
+    return _fused('_sg_mkldnn_conv' if is_conv else '_sg_mkldnn_fully_connected', name,
+                  attrs, sub, inputs)
 
-    def lower_split(self, step, block, x, residual, q, s_w, b_q):
-        """An exact int8 convolution where the CPU's kernels saturate int16 pairs: the input
-        as two uint8 halves of at most 128 (:func:`gluonq.quant.split_operand_f`), each
-        through a fused int8 convolution returning the int32 accumulator, then gluonq's
-        epilogue."""
-        C = q.shape[0]
-        img, ok = _tensor_image(q.reshape(C, -1))
-        if not ok:
-            return self.lower_reference(step, block, 'reference', 'no weight of magnitude 127')
-        name = self.unique(step['name'])
-        wsym = self.weight_symbol(name, q, img, per_tensor=True)
-        lattrs = dict(_conv_attrs(block), no_bias='True')
-        # the data range only sets the operator's reported output range (unused here)
-        lo, hi = self.const(name + '_half_min', 0.0), self.const(name + '_half_max', 1.0)
-        accs = []
-        for part, half in zip('ab', quant.split_operand_f(mx.sym, _as_float(x), x.mxdt)):
-            sub = [_var('data'), _var('weight'),
-                   {'op': 'Convolution', 'name': '%s_%s_conv' % (name, part), 'attrs': lattrs,
-                    'inputs': [[0, 0, 0], [1, 0, 0]]}]
-            accs.append(_fused('_sg_mkldnn_conv', '%s_%s' % (name, part), {'quantized': 'true'},
-                               sub, [half, wsym, lo, hi])[0])
-        acc = (mx.sym.broadcast_add if x.mxdt == 'uint8' else mx.sym.broadcast_sub)(*accs)
-        acc = self.add_int32_bias(acc, name, b_q)
-        self.set_out(step, self.epilogue(step, block, acc, x, residual, s_w, name))
-        self.note(step, 'split', _NO_VNNI)
 
-    def weight_symbol(self, name, q, img, per_tensor):
-        """The fp32 weight image ``img`` of a fused layer: computed in the graph from the
-        int8 weights ``q`` with ``int8_weights`` (where that is exact), else a constant."""
-        img = img.reshape(q.shape)
-        wsym = self.int8_weight_image(name, q, img, per_tensor) if self.int8_weights else None
-        return self.const(name + '_weight', img) if wsym is None else wsym
+def _split_conv(ctx, step, block, x, residual, q, s_w, b_q):
+    """An exact int8 convolution where the CPU's kernels saturate int16 pairs: the input
+    as two uint8 halves of at most 128 (:func:`gluonq.quant.split_operand_f`), each
+    through a fused int8 convolution returning the int32 accumulator, then gluonq's
+    epilogue."""
+    C = q.shape[0]
+    img, ok = _tensor_image(q.reshape(C, -1))
+    if not ok:
+        return _reference(ctx, step, block, 'reference', 'no weight of magnitude 127')
+    name = ctx.unique(step['name'])
+    wsym = ctx.weight_symbol(name, q, img, per_tensor=True)
+    lattrs = dict(_conv_attrs(block), no_bias='True')
+    # the data range only sets the operator's reported output range (unused here)
+    lo, hi = ctx.const(name + '_half_min', 0.0), ctx.const(name + '_half_max', 1.0)
+    accs = []
+    for part, half in zip('ab', quant.split_operand_f(mx.sym, _as_float(x), x.mxdt)):
+        sub = [_var('data'), _var('weight'),
+               {'op': 'Convolution', 'name': '%s_%s_conv' % (name, part), 'attrs': lattrs,
+                'inputs': [[0, 0, 0], [1, 0, 0]]}]
+        accs.append(_fused('_sg_mkldnn_conv', '%s_%s' % (name, part), {'quantized': 'true'},
+                           sub, [half, wsym, lo, hi])[0])
+    acc = (mx.sym.broadcast_add if x.mxdt == 'uint8' else mx.sym.broadcast_sub)(*accs)
+    acc = ctx.add_int32_bias(acc, name, b_q)
+    ctx.set_out(step, _epilogue(ctx, step, block, acc, x, residual, s_w, name))
+    ctx.note(step, 'split', _NO_VNNI)
 
-    def add_int32_bias(self, acc, name, b_q):
-        """``acc`` (N, C, ...) plus gluonq's int32 bias ``b_q`` (None: no bias to add)."""
-        if b_q is None:
-            return acc
-        return mx.sym.broadcast_add(acc, mx.sym.reshape(
-            self.int_const(name + '_bias_int32', b_q.astype(np.int32)), (1, -1, 1, 1)))
 
-    def int_const(self, name, value):
-        """An integer constant (stored as float32, cast in the graph)."""
-        v = np.asarray(value)
-        self.int_params[name] = (np.dtype(v.dtype).name, v)
-        return mx.sym.var(name, shape=v.shape, dtype=v.dtype)
+def _epilogue(ctx, step, block, acc, x, residual, s_w, name):
+    """gluonq's layer epilogue on an exact int32 accumulator (bias included).
 
-    def epilogue(self, step, block, acc, x, residual, s_w, name):
-        """gluonq's layer epilogue on an exact int32 accumulator (bias included).
-
-        The same float32 operations as the reference blocks (``_QuantizedLayer._epilogue``),
-        with the multipliers precomputed as the same float32 values. Only element-wise
-        (non-oneDNN) operators run on the accumulator, and the result leaves through a cast
-        that changes the element size: MXNet 1.9.1 lets a same-size in-place cast of a
-        oneDNN-layout tensor keep the oneDNN layout tag, and a oneDNN operator (or oneDNN's
-        ``elemwise_add``) reading the result then misreads it (tests/test_lower.py pins it).
-        """
-        C = s_w.shape[0]
-        inv_in = x.inv
-        inv_w = quant.weight_inv_scale_np(s_w)
-        out_dt = block._out_dtype
-        # int32 -> float64 -> float32 is the same rounding as int32 -> float32, into a
-        # freshly allocated buffer
-        accf = mx.sym.Cast(mx.sym.Cast(acc, dtype='float64'), dtype='float32')
-        if out_dt == 'float32':
-            inv = (np.float32(inv_in) * inv_w).astype(f32)
-            y = mx.sym.broadcast_div(accf, mx.sym.reshape(self.const(name + '_inv', inv),
-                                                          (1, -1, 1, 1)))
-            if residual is not None:
-                r = residual
-                if isinstance(r, _T):
-                    r = quant.dequantize_f(mx.sym, QTensor(_as_float(r), *self.gq_rng(r)))
-                y = mx.sym.broadcast_add(y, r)
-            if block._act_type:
-                y = mx.sym.Activation(y, act_type=block._act_type)
-            return y
-        out = _T(step['outputs'][0], None, out_dt, block._out_q.max)
-        m = quant.requantize_multiplier_np(out.inv, inv_in, inv_w)
-        m = np.broadcast_to(m, (C,)).astype(f32)
-        y = mx.sym.broadcast_mul(accf, mx.sym.reshape(self.const(name + '_mult', m),
+    The same float32 operations as the reference blocks (``_QuantizedLayer._epilogue``),
+    with the multipliers precomputed as the same float32 values. Only element-wise
+    (non-oneDNN) operators run on the accumulator, and the result leaves through a cast
+    that changes the element size: MXNet 1.9.1 lets a same-size in-place cast of a
+    oneDNN-layout tensor keep the oneDNN layout tag, and a oneDNN operator (or oneDNN's
+    ``elemwise_add``) reading the result then misreads it (tests/test_lower.py pins it).
+    """
+    C = s_w.shape[0]
+    inv_in = x.inv
+    inv_w = quant.weight_inv_scale_np(s_w)
+    out_dt = block._out_dtype
+    # int32 -> float64 -> float32 is the same rounding as int32 -> float32, into a
+    # freshly allocated buffer
+    accf = mx.sym.Cast(mx.sym.Cast(acc, dtype='float64'), dtype='float32')
+    if out_dt == 'float32':
+        inv = (np.float32(inv_in) * inv_w).astype(f32)
+        y = mx.sym.broadcast_div(accf, mx.sym.reshape(ctx.const(name + '_inv', inv),
                                                       (1, -1, 1, 1)))
         if residual is not None:
-            # one rounding, as gluonq's fused residual (quant.requantize_f, fused_sum=True)
-            mr = mx.sym.Cast(self.const(name + '_res_mult', f32(out.inv / residual.inv)),
-                             dtype='float64')
-            t = mx.sym.broadcast_mul(mx.sym.Cast(_as_float(residual), dtype='float64'), mr)
-            y = mx.sym.Cast(mx.sym.broadcast_add(mx.sym.Cast(y, dtype='float64'), t),
-                            dtype='float32')
-        lo, hi = quant.QBOUNDS[out_dt]
-        if block._act_type == 'relu':
-            lo = 0
-        # clip (with relu folded in), round half to even, cast: gluonq's requantize_f
-        y = quant.round_half_even_f(mx.sym, mx.sym.clip(y, lo, hi))
-        # a ReLU'd int8 output holds 0..127: typed uint8 like the fused kernels type it, so
-        # that a fused residual reading it sees a uint8 operand
-        out.mxdt = 'uint8' if lo >= 0 else out_dt
-        out.R = mx_range(out.inv, out.mxdt)[0]
-        out.data = mx.sym.Cast(y, dtype=out.mxdt)
-        return out
+            r = residual
+            if isinstance(r, _T):
+                r = quant.dequantize_f(mx.sym, QTensor(_as_float(r), *ctx.gq_rng(r)))
+            y = mx.sym.broadcast_add(y, r)
+        if block._act_type:
+            y = mx.sym.Activation(y, act_type=block._act_type)
+        return y
+    out = _T(step['outputs'][0], None, out_dt, block._out_q.max)
+    m = quant.requantize_multiplier_np(out.inv, inv_in, inv_w)
+    m = np.broadcast_to(m, (C,)).astype(f32)
+    y = mx.sym.broadcast_mul(accf, mx.sym.reshape(ctx.const(name + '_mult', m),
+                                                  (1, -1, 1, 1)))
+    if residual is not None:
+        # one rounding, as gluonq's fused residual (quant.requantize_f, fused_sum=True)
+        mr = mx.sym.Cast(ctx.const(name + '_res_mult', f32(out.inv / residual.inv)),
+                         dtype='float64')
+        t = mx.sym.broadcast_mul(mx.sym.Cast(_as_float(residual), dtype='float64'), mr)
+        y = mx.sym.Cast(mx.sym.broadcast_add(mx.sym.Cast(y, dtype='float64'), t),
+                        dtype='float32')
+    lo, hi = quant.QBOUNDS[out_dt]
+    if block._act_type == 'relu':
+        lo = 0
+    # clip (with relu folded in), round half to even, cast: gluonq's requantize_f
+    y = quant.round_half_even_f(mx.sym, mx.sym.clip(y, lo, hi))
+    # a ReLU'd int8 output holds 0..127: typed uint8 like the fused kernels type it, so
+    # that a fused residual reading it sees a uint8 operand
+    out.mxdt = 'uint8' if lo >= 0 else out_dt
+    out.R = mx_range(out.inv, out.mxdt)[0]
+    out.data = mx.sym.Cast(y, dtype=out.mxdt)
+    return out
+
+
+def _output_ranges(out, x, residual, limit=6):
+    """Candidate MXNet ranges of a fused layer's output, best first.
+
+    The kernel's requantize multiplier is ``f32(f32(out_scale / data_scale) / w_c)``;
+    gluonq's is ``f32(f32(inv_out / inv_in) / inv_w_c)``. Ranges whose ``out_scale``
+    makes the first quotient equal gluonq's let the weight images keep gluonq's own
+    scales (the only option for channels whose extreme weight is -127); gluonq's own
+    output range comes first when it qualifies. With a fused residual, the sum factor
+    ``f32(out_scale / sum_scale)`` must also equal ``f32(inv_out / inv_r)``. If no range
+    qualifies, the ranges nearest to gluonq's are returned (the weight images then
+    absorb the difference where they can).
+    """
+    dt = out.mxdt
+    g = f32(out.inv / x.inv)
+    seeds = [out.R, f32(MX_QRANGE[dt] / f32(g * x.mx_scale))]
+    cands = np.unique(np.concatenate([_ulp_steps(v, _WINDOW)[0] for v in seeds]))
+    scales = (MX_QRANGE[dt] / cands).astype(f32)
+    ok = np.ones(cands.shape, bool)
+    if residual is not None:
+        ok &= (scales / residual.mx_scale).astype(f32) == f32(out.inv / residual.inv)
+    exact = ok & ((scales / x.mx_scale).astype(f32) == g)
+    dist = np.abs(cands.astype(np.float64) - float(out.R))
+    order = np.lexsort((dist, cands != out.R))
+    best = [cands[i] for i in order if exact[i]]
+    rest = [cands[i] for i in order if ok[i] and not exact[i]]
+    return (best + rest)[:limit]
+
+
+def _int8_weight_image(ctx, name, q, img, per_tensor):
+    """The fp32 image ``img`` of int8 weights ``q`` computed in the graph from ``q``.
+
+    ``image = f32(q * s) + one_hot(anchor) * d`` per output channel, with ``s`` the
+    image's scale and ``d`` moving each channel's anchor element to the image's exact
+    maximum. Returns None when that expression does not give an image the kernel
+    re-quantizes exactly like ``img`` (then the layer keeps its fp32 image).
+    """
+    C = q.shape[0]
+    q2 = q.reshape(C, -1).astype(np.int64)
+    im = img.reshape(C, -1)
+    amax = np.abs(im).max(axis=1)
+    T = np.full(C, np.abs(im).max(), f32) if per_tensor else amax.astype(f32)
+    w = (f32(127.5) / T).astype(f32)
+    scale = (T.astype(np.float64) / 127.5).astype(f32)
+    new = (q2.astype(f32) * scale[:, None]).astype(f32)
+    anchor = np.argmax(np.abs(im) == T[:, None], axis=1)
+    has = np.abs(im[np.arange(C), anchor]) == T
+    target = np.where(has, im[np.arange(C), anchor], new[np.arange(C), anchor])
+    delta = (target - new[np.arange(C), anchor]).astype(f32)
+    new[np.arange(C), anchor] = (new[np.arange(C), anchor] + delta).astype(f32)
+    ok = np.array_equal(_rederive(new, w), q2) and \
+        np.array_equal(np.abs(new).max(axis=1) if not per_tensor else
+                       np.full(C, np.abs(new).max()), T) and \
+        np.array_equal(new[np.arange(C), anchor], target)
+    if not ok:
+        return None
+    qv = mx.sym.var(name + '_weight_int8', shape=q.shape, dtype='int8')
+    ctx.params[name + '_weight_int8'] = q.astype(np.int8)
+    shape = (C,) + (1,) * (q.ndim - 1)
+    y = mx.sym.broadcast_mul(mx.sym.Cast(qv, dtype='float32'),
+                             mx.sym.reshape(ctx.const(name + '_weight_scale', scale), shape))
+    corr = mx.sym.broadcast_mul(
+        mx.sym.one_hot(ctx.const(name + '_weight_anchor', anchor.astype(f32)),
+                       depth=q2.shape[1]),
+        mx.sym.reshape(ctx.const(name + '_weight_delta', delta), (C, 1)))
+    return mx.sym.broadcast_add(y, mx.sym.reshape(corr, q.shape))
 
 
 def lower(qnet, exact=True, int8_weights=False):
@@ -1211,9 +1331,9 @@ def lower(qnet, exact=True, int8_weights=False):
 
     ``int8_weights=True`` keeps the weights int8 in the parameters (a file about a quarter of
     the fp32 one): each fused convolution computes its fp32 image in the graph
-    (:meth:`_Lowerer.int8_weight_image`) and re-quantizes it on every call, and dense
+    (:func:`_int8_weight_image`) and re-quantizes it on every call, and dense
     layers run gluonq's reference int8 dense. Same integers as the fp32-image graph.
     """
     if not isinstance(qnet, QuantizedNet):
         raise TypeError('lower takes a QuantizedNet, got %s' % type(qnet).__name__)
-    return _Lowerer(qnet, exact, int8_weights).run()
+    return _Context(qnet, exact, int8_weights).run()
