@@ -189,8 +189,36 @@ def matching_weight_scales(m, s_x, s_y, max_steps=64):
 
 
 # ---------------------------------------------------------------------------------------
-# the builder
+# zero points, and the quantized tensors that carry them: every ONNX zero point is chosen
+# here (``_Context.scale_zp`` writes a tensor's scale and zero point as initializers)
 # ---------------------------------------------------------------------------------------
+def _zero_point(gdtype, onnx_dtype):
+    """Zero point that holds gluonq ``gdtype`` integers exactly in ``onnx_dtype``."""
+    return {('int8', 'uint8'): 128, ('uint8', 'uint8'): 0,
+            ('int8', 'int8'): 0, ('uint8', 'int8'): -128}[(gdtype, onnx_dtype)]
+
+
+def onnx_zero_point(gluonq_dtype, act_dtype='uint8'):
+    """Zero point of the ONNX tensor holding gluonq ``gluonq_dtype`` integers."""
+    return _zero_point(gluonq_dtype, act_dtype)
+
+
+def _weight_zero_point(weight_dtype):
+    """Zero point of the weights: uint8 weights hold gluonq's int8 integers as ``q + 128``."""
+    return 128 if weight_dtype == 'uint8' else 0
+
+
+def _range_zero_point(lo, scale, onnx_dtype):
+    """Zero point of an ONNX-only 8-bit tensor (no gluonq tensor) whose range starts at
+    ``lo``."""
+    info = np.iinfo(_np_dtype(onnx_dtype))
+    return int(np.clip(np.rint(info.min - lo / float(scale)), info.min, info.max))
+
+
+def _np_dtype(onnx_dtype):
+    return np.uint8 if onnx_dtype == 'uint8' else np.int8
+
+
 class _QT:
     """An integer ONNX tensor holding a gluonq quantized tensor."""
     __slots__ = ('name', 'qp', 'scale', 'zp', 'onnx_dtype')
@@ -203,17 +231,25 @@ class _QT:
         self.zp = _zero_point(qp.dtype, onnx_dtype)
 
 
-def _zero_point(gdtype, onnx_dtype):
-    """Zero point that holds gluonq ``gdtype`` integers exactly in ``onnx_dtype``."""
-    return {('int8', 'uint8'): 128, ('uint8', 'uint8'): 0,
-            ('int8', 'int8'): 0, ('uint8', 'int8'): -128}[(gdtype, onnx_dtype)]
+class _QTRaw(_QT):
+    """An ONNX-only 8-bit tensor (not a gluonq tensor) with a given scale and zero point."""
+
+    def __init__(self, name, scale, zp, onnx_dtype):
+        self.name = name
+        self.qp = None
+        self.scale = np.float32(scale)
+        self.zp = int(zp)
+        self.onnx_dtype = onnx_dtype
 
 
-def _np_dtype(onnx_dtype):
-    return np.uint8 if onnx_dtype == 'uint8' else np.int8
+# ---------------------------------------------------------------------------------------
+# the context the handlers write into
+# ---------------------------------------------------------------------------------------
+class _Context:
+    """What the export of one QuantizedNet holds while the handlers run: the ONNX nodes and
+    initializers written so far, the ONNX tensor of each gluonq tensor (``env``: float
+    names and :class:`_QT`), and the shapes of gluonq's tensors."""
 
-
-class _Builder:
     def __init__(self, qnet, input_shape, opset, act_dtype, dynamic_batch, preadd_ranges,
                  weight_dtype):
         self.onnx, self.helper, self.numpy_helper = _onnx()
@@ -315,28 +351,6 @@ class _Builder:
         self.node('Clip', [x.name, lo, hi], [qt.name])
         return qt
 
-    def _read_subsampled_only(self, key):
-        """Do all readers of gluonq tensor ``key`` take every n-th pixel only: unpadded 1x1
-        convolutions with the same strides, some > 1 (ResNet v1's downsampling blocks)?
-
-        OpenVINO moves the strides of such readers up through the DequantizeLinear (it
-        inserts a pooling between the two) and then runs those convolutions in bf16 or
-        float, also on the anchors' own QDQ models. Subsampled on the integers first
-        (:meth:`subsample`), they stay int8 and share the one subsampling."""
-        if key in self.spec['outputs']:
-            return False
-        strides = set()
-        for st in self.spec['steps']:
-            if key not in st['inputs']:
-                continue
-            kw = getattr(self.qnet._children[st['name']], '_kwargs', {})
-            if not st['block'].startswith('QuantizedConv') or st['inputs'].index(key) != 0 \
-                    or key in st['inputs'][1:] or any(d != 1 for d in kw['kernel']) or \
-                    any(kw['pad']):
-                return False
-            strides.add(tuple(kw['stride']))
-        return len(strides) == 1 and max(next(iter(strides))) > 1
-
     def subsample(self, x, strides):
         """Every ``strides``-th value of the integer tensor ``x`` (a MaxPool with a 1-pixel
         kernel, exact), written once per tensor and strides."""
@@ -389,13 +403,11 @@ class _Builder:
             self.names.add(k)
         for step in self.spec['steps']:
             block = self.qnet._children[step['name']]
-            conv = getattr(self, '_step_' + step['block'], None)
-            if conv is None and step['block'].startswith('QuantizedConv'):
-                conv = self._step_layer
-            if conv is None:
+            handler = HANDLERS.get(step['block'])
+            if handler is None:
                 raise ONNXExportError('step %r: no ONNX converter for block %s'
                                       % (step['name'], step['block']))
-            conv(step, block)
+            handler(self, step, block)
         outputs = []
         for k in self.spec['outputs']:
             v = self.env[k]
@@ -425,378 +437,447 @@ class _Builder:
             'gluonq.residual_intermediates': json.dumps(self.residual_info, sort_keys=True)})
         return model
 
-    # -- steps ----------------------------------------------------------------------------
-    def _step_Quantize(self, step, block):
-        if block._qp is None:
-            raise ONNXExportError('step %r quantizes with run-time (dynamic) ranges; ONNX '
-                                  'export needs a calibrated network (gluonq.quantize_net)'
-                                  % step['name'])
-        qp = quant.QParams(block._qp.dtype, block._qp.min, block._qp.max)
-        self.env[step['outputs'][0]] = self.quantize(self.env[step['inputs'][0]],
-                                                     step['outputs'][0], qp)
 
-    def _step_Dequantize(self, step, block):
-        qt = self.as_q(step['inputs'][0], step)
-        self.env[step['outputs'][0]] = self.dequantize(qt, step['outputs'][0])
+# ---------------------------------------------------------------------------------------
+# one handler per step kind
+# ---------------------------------------------------------------------------------------
+#: step kind (the block class a step names) -> ``handler(b, step, block)``, which writes the
+#: step's nodes into the context ``b`` and binds its outputs in ``b.env``
+HANDLERS = {}
 
-    def _out_qp(self, block):
-        q = block._out_q
-        return None if q is None else quant.QParams(q.dtype, q.min, q.max)
 
-    def _check_static(self, step, block):
-        if getattr(block, '_in_q', 1) is None or (block.out_dtype != 'float32' and
-                                                  block._out_q is None):
-            raise ONNXExportError('step %r (%s) uses run-time (dynamic) ranges; ONNX export '
-                                  'needs a calibrated network (gluonq.quantize_net)'
-                                  % (step['name'], step['block']))
+def handles(*kinds):
+    """Register the decorated function as the ONNX converter of the steps of ``kinds``."""
+    def register(fn):
+        for kind in kinds:
+            HANDLERS[kind] = fn
+        return fn
+    return register
 
-    def _step_layer(self, step, block):
-        """QuantizedConv{1,2,3}D and QuantizedDense."""
-        self._check_static(step, block)
-        name = step['name']
-        params = {k[len(block.params.prefix):]: v.data().asnumpy()
-                  for k, v in block.params.items()}
-        x = self.as_q(step['inputs'][0], step)
-        qp_in = block._in_q
-        if x.qp.dtype != qp_in.dtype or not np.isclose(x.qp.max, qp_in.max, rtol=1e-6):
-            raise ONNXExportError('step %r: input range %r differs from the calibrated %r'
-                                  % (name, x.qp, qp_in))
-        w_q, s_w = params['weight'], params['weight_scale'].astype(np.float32)
-        units = w_q.shape[0]
-        per_channel = s_w.size > 1
-        out_qp = self._out_qp(block)
-        relu = block._act_type == 'relu'
-        residual = block._residual
-        is_dense = step['block'] == 'QuantizedDense'
-        # the weight scale written to the model
-        inv_in = quant.inv_scale_np(qp_in.min, qp_in.max, qp_in.dtype)
-        inv_w = quant.weight_inv_scale_np(s_w)
-        if out_qp is not None and not residual:
-            inv_out = quant.inv_scale_np(out_qp.min, out_qp.max, out_qp.dtype)
-            m = quant.requantize_multiplier_np(inv_out, inv_in, inv_w).reshape(-1)
-            s_w_model, exact = matching_weight_scales(m, x.scale, np.float32(out_qp.scale))
-            if not per_channel:
-                s_w_model = s_w_model[:1]
-            self.weight_scale_info[name] = (s_w_model, exact)
-        else:
-            s_w_model = s_w.reshape(-1)
-        # weight and bias: int8 / int32 initializers and their DequantizeLinear
-        # a dense layer on the last axis of an n-d tensor (flatten=False) runs as a Gemm on
-        # the (rows, in_units) view of the integers, reshaped back after
-        rows_view = is_dense and not block._flatten and len(self.shapes[step['inputs'][0]]) > 2
-        # uint8 weights hold gluonq's integers as q + 128 (zero point 128)
-        w_zp = 128 if self.weight_dtype == 'uint8' else 0
-        w_dt = _np_dtype(self.weight_dtype)
-        w_name = self.const(name + '/weight', (w_q.astype(np.int16) + w_zp).astype(w_dt))
-        w_s = self.const(name + '/weight_scale', s_w_model if per_channel else
-                         np.array(s_w_model[0], np.float32))
-        w_z = self.const(name + '/weight_zero_point', np.full(units, w_zp, w_dt)
-                         if per_channel else np.array(w_zp, w_dt))
-        w_dq = self.fresh(name + '/weight/dq')
-        kw = {'axis': 0} if per_channel else {}
-        self.node('DequantizeLinear', [w_name, w_s, w_z], [w_dq], **kw)
-        b_dq = None
-        if 'bias' in params:
-            b = params['bias']
-            if b.dtype != np.int32:
-                raise ONNXExportError('step %r: float bias (dynamic layer)' % name)
-            b_scale = (x.scale * np.broadcast_to(s_w_model, (units,))).astype(np.float32)
-            b_name = self.const(name + '/bias', b.astype(np.int32))
-            b_s = self.const(name + '/bias_scale', b_scale)
-            b_z = self.const(name + '/bias_zero_point', np.zeros(units, np.int32))
-            b_dq = self.fresh(name + '/bias/dq')
-            self.node('DequantizeLinear', [b_name, b_s, b_z], [b_dq], axis=0)
-        # the op
-        x_in = x
-        in_rank = len(self.shapes[step['inputs'][0]])
-        if is_dense and in_rank > 2:
-            flat = _QT(self.fresh(name + '/flatten'), x.qp, self.act_dtype)
-            self.node('Flatten', [x.name], [flat.name], axis=1 if block._flatten else in_rank - 1)
-            x_in = flat
-        k = None if is_dense else block._kwargs
-        strides = None if is_dense else list(k['stride'])
-        if not is_dense and self._read_subsampled_only(step['inputs'][0]):
-            x_in = self.subsample(x_in, strides)
-            strides = [1] * len(strides)
-        x_dq = self.dequantize(x_in)
-        y = self.fresh(name + ('/conv' if not is_dense else '/gemm'))
-        if is_dense:
-            self.node('Gemm', [x_dq, w_dq] + ([b_dq] if b_dq else []), [y], transB=1)
-        else:
-            self.node('Conv', [x_dq, w_dq] + ([b_dq] if b_dq else []), [y],
-                      kernel_shape=list(k['kernel']), strides=strides,
-                      pads=list(k['pad']) * 2, dilations=list(k['dilate']),
-                      group=int(k['num_group']))
-        out_key = step['outputs'][0]
-        if rows_view:
-            self._rows_view_shape(name, x.name, units)
-        if residual:
-            r = self.env[step['inputs'][1]]
-            if rows_view:         # the residual as (rows, units) too, integers or float
-                r_rows = self.fresh(name + '/residual_rows')
-                self.node('Flatten', [r.name if isinstance(r, _QT) else r], [r_rows],
-                          axis=in_rank - 1)
-                r = _QT(r_rows, r.qp, self.act_dtype) if isinstance(r, _QT) else r_rows
-            if out_qp is not None and isinstance(r, _QT):
-                # round the conv result to an 8-bit intermediate whose saturation never
-                # changes the final result, then add (QLinearAdd)
-                cq = self._residual_intermediate(name, out_qp, r.qp, relu)
-                c_qt = _QTRaw(self.fresh(name + '/preadd'), cq[0], cq[1], self.act_dtype)
-                self.residual_info[name]['tensor'] = c_qt.name
-                s, z = self.scale_zp(c_qt)
-                self.node('QuantizeLinear', [y, s, z], [c_qt.name])
-                c_dq = self.dequantize(c_qt)
-                y2 = self.fresh(name + '/add')
-                self.node('Add', [c_dq, self.dequantize(r)], [y2])
-                y = y2
-            else:
-                y2 = self.fresh(name + '/add')
-                self.node('Add', [y, self.dequantize(r) if isinstance(r, _QT) else r], [y2])
-                y = y2
-        if out_qp is None:
-            if relu:
-                y2 = self.fresh(name + '/relu')
-                self.node('Relu', [y], [y2])
-                y = y2
-            elif block._act_type:
-                y = self._float_activation(name, y, block._act_type)
-            if rows_view:
-                y2 = self.fresh(name + '/reshape')
-                self.node('Reshape', [y, self.rows_shape[name]], [y2])
-                y = y2
-            self.env[out_key] = self.rename(y, out_key)
-            return
-        if rows_view:
-            rows = self.quantize_relu(y, name + '/rows', out_qp, relu)
-            qt = _QT(self.fresh(out_key), out_qp, self.act_dtype)
-            self.node('Reshape', [rows.name, self.rows_shape[name]], [qt.name])
-            self.env[out_key] = qt
-            return
-        self.env[out_key] = self.quantize_relu(y, out_key, out_qp, relu)
 
-    def _rows_view_shape(self, name, x_name, units):
-        """Shape tensor ``x.shape[:-1] + (units,)`` (dynamic batch included)."""
-        shp, head = self.fresh(name + '/in_shape'), self.fresh(name + '/out_shape_head')
-        self.node('Shape', [x_name], [shp])
-        starts = self.const(name + '/starts', np.array([0], np.int64))
-        ends = self.const(name + '/ends', np.array([-1], np.int64))
-        self.node('Slice', [shp, starts, ends], [head])
-        last = self.const(name + '/units', np.array([units], np.int64))
-        out = self.fresh(name + '/out_shape')
-        self.node('Concat', [head, last], [out], axis=0)
-        self.rows_shape[name] = out
+@handles('Quantize')
+def _quantize(b, step, block):
+    if block._qp is None:
+        raise ONNXExportError('step %r quantizes with run-time (dynamic) ranges; ONNX '
+                              'export needs a calibrated network (gluonq.quantize_net)'
+                              % step['name'])
+    qp = quant.QParams(block._qp.dtype, block._qp.min, block._qp.max)
+    b.env[step['outputs'][0]] = b.quantize(b.env[step['inputs'][0]],
+                                                 step['outputs'][0], qp)
 
-    def _float_activation(self, name, y, act):
-        ops = {'sigmoid': 'Sigmoid', 'tanh': 'Tanh', 'softrelu': 'Softplus',
-               'softsign': 'Softsign', 'relu': 'Relu'}
-        if act not in ops:
-            raise ONNXExportError('step %r: activation %r has no ONNX converter' % (name, act))
-        y2 = self.fresh(name + '/' + act)
-        self.node(ops[act], [y], [y2])
-        return y2
 
-    def _residual_intermediate(self, name, out_qp, r_qp, relu):
-        """(scale, zero point) of the 8-bit intermediate conv result before a residual add.
+@handles('Dequantize')
+def _dequantize(b, step, block):
+    qt = b.as_q(step['inputs'][0], step)
+    b.env[step['outputs'][0]] = b.dequantize(qt, step['outputs'][0])
 
-        The output saturates to [lo_y, hi_y] and the residual lies in [lo_r, hi_r], so a
-        conv result ``c`` outside the window ``[lo_y - hi_r, hi_y - lo_r]`` saturates the
-        output whatever the residual: saturating ``c`` to the window changes nothing. With
-        calibrated ranges of ``c`` (``calib_data``) the range is the calibrated one widened
-        by :data:`PREADD_MARGIN` and cut to the window: it rounds finer, and the margin
-        keeps inputs a little outside the calibration data from saturating it.
-        """
-        qlo, qhi = quant.QBOUNDS[out_qp.dtype]
-        lo_y, hi_y = qlo * float(out_qp.scale), qhi * float(out_qp.scale)
+
+def _out_qp(block):
+    q = block._out_q
+    return None if q is None else quant.QParams(q.dtype, q.min, q.max)
+
+
+def _check_static(step, block):
+    if getattr(block, '_in_q', 1) is None or (block.out_dtype != 'float32' and
+                                              block._out_q is None):
+        raise ONNXExportError('step %r (%s) uses run-time (dynamic) ranges; ONNX export '
+                              'needs a calibrated network (gluonq.quantize_net)'
+                              % (step['name'], step['block']))
+
+
+@handles('QuantizedConv1D', 'QuantizedConv2D', 'QuantizedConv3D', 'QuantizedDense')
+def _layer(b, step, block):
+    """``DQ -> Conv/Gemm -> Q`` with int8 weights and an int32 bias: QLinearConv / QGemm.
+
+    A fused residual adds through an 8-bit intermediate (:func:`_residual_intermediate`);
+    a dense layer on the last axis of an n-d tensor (``flatten=False``) runs as a Gemm on
+    the (rows, in_units) view of the integers, reshaped back after."""
+    _check_static(step, block)
+    name = step['name']
+    params = {k[len(block.params.prefix):]: v.data().asnumpy()
+              for k, v in block.params.items()}
+    x = b.as_q(step['inputs'][0], step)
+    qp_in = block._in_q
+    if x.qp.dtype != qp_in.dtype or not np.isclose(x.qp.max, qp_in.max, rtol=1e-6):
+        raise ONNXExportError('step %r: input range %r differs from the calibrated %r'
+                              % (name, x.qp, qp_in))
+    out_qp = _out_qp(block)
+    relu = block._act_type == 'relu'
+    is_dense = step['block'] == 'QuantizedDense'
+    in_rank = len(b.shapes[step['inputs'][0]])
+    rows_view = is_dense and not block._flatten and in_rank > 2
+    w_dq, b_dq = _layer_weights(b, name, block, params, x, out_qp)
+    y = _layer_op(b, name, block, is_dense, x, w_dq, b_dq, step['inputs'][0], in_rank)
+    units = params['weight'].shape[0]
+    if rows_view:
+        _rows_view_shape(b, name, x.name, units)
+    if block._residual:
+        y = _residual_add(b, step, y, out_qp, relu, rows_view, in_rank)
+    out_key = step['outputs'][0]
+    if out_qp is None:
         if relu:
-            lo_y = 0.0
-        rlo, rhi = quant.QBOUNDS[r_qp.dtype]
-        lo_r, hi_r = rlo * float(r_qp.scale), rhi * float(r_qp.scale)
-        lo_c, hi_c = lo_y - hi_r, hi_y - lo_r
-        window = [lo_c, hi_c]
-        calibrated = name in self.preadd_ranges
-        if calibrated:
-            clo, chi = self.preadd_ranges[name]
-            clo, chi = PREADD_MARGIN * min(float(clo), 0.0), PREADD_MARGIN * max(float(chi), 0.0)
-            lo_c, hi_c = max(lo_c, clo), min(hi_c, chi)
-            if hi_c - lo_c < quant.EPS_RANGE:
-                lo_c, hi_c = window
-        info = np.iinfo(_np_dtype(self.act_dtype))
-        scale = np.float32((hi_c - lo_c) / (info.max - info.min))
-        zp = int(np.clip(np.rint(info.min - lo_c / float(scale)), info.min, info.max))
-        self.residual_info[name] = {'scale': float(scale), 'zero_point': zp,
-                                    'range': [lo_c, hi_c], 'window': window,
-                                    'calibrated': calibrated, 'tensor': None,
-                                    'out_scale': float(out_qp.scale)}
-        return scale, zp
-
-    def _step_QuantizedDense(self, step, block):
-        self._step_layer(step, block)
-
-    def _step_QuantizedAdd(self, step, block):
-        self._check_static(step, block)
-        a, b = (self.as_q(k, step) for k in step['inputs'])
-        y = self.fresh(step['name'] + '/add')
-        self.node('Add', [self.dequantize(a), self.dequantize(b)], [y])
-        out_qp = self._out_qp(block)
-        out_key = step['outputs'][0]
-        if out_qp is None:
-            if block._relu:
-                y2 = self.fresh(step['name'] + '/relu')
-                self.node('Relu', [y], [y2])
-                y = y2
-            self.env[out_key] = self.rename(y, out_key)
-            return
-        self.env[out_key] = self.quantize_relu(y, out_key, out_qp, block._relu)
-
-    def _step_QuantizedConcat(self, step, block):
-        self._check_static(step, block)
-        ins = [self.as_q(k, step) for k in step['inputs']]
-        out_qp = self._out_qp(block)
-        out_key = step['outputs'][0]
-        dim = block._dim
-        if all(q.qp == out_qp for q in ins):
-            qt = _QT(self.fresh(out_key), out_qp, self.act_dtype)
-            self.node('Concat', [q.name for q in ins], [qt.name], axis=dim)
-            self.env[out_key] = qt
-            return
-        y = self.fresh(step['name'] + '/concat')
-        self.node('Concat', [self.dequantize(q) for q in ins], [y], axis=dim)
-        self.env[out_key] = self.quantize(y, out_key, out_qp)
-
-    def _step_QuantizedPooling(self, step, block):
-        x = self.as_q(step['inputs'][0], step)
-        k = block._kwargs
-        out_key = step['outputs'][0]
-        in_shape = self.shapes[step['inputs'][0]]
-        if k['global_pool']:
-            kernel, stride, pad = list(in_shape[2:]), [1, 1], [0, 0]
-        else:
-            kernel, stride, pad = list(k['kernel']), list(k['stride']), list(k['pad'])
-        ceil = int(k['pooling_convention'] == 'full')
-        if k['pool_type'] == 'max':
-            qt = _QT(self.fresh(out_key), x.qp, self.act_dtype)
-            self.node('MaxPool', [x.name], [qt.name], kernel_shape=kernel, strides=stride,
-                      pads=pad * 2, ceil_mode=ceil)
-            self.env[out_key] = qt
-            return
-        if k['global_pool']:
-            self.env[out_key] = self._global_avg_pool(step['name'], x, out_key)
-            return
-        if not k.get('count_include_pad', True):
-            raise ONNXExportError('step %r: int8 average pooling with count_include_pad='
-                                  'False has no exact ONNX form' % step['name'])
-        self.env[out_key] = self._avg_pool_as_conv(step['name'], x, in_shape, kernel,
-                                                   stride, pad, ceil, out_key)
-
-    def _global_avg_pool(self, name, x, out_key):
-        """Global average pooling as ``DQ -> GlobalAveragePool -> Q`` at the input's scale:
-        onnxruntime fuses it into QLinearGlobalAveragePool and OpenVINO into a u8 Reduce.
-
-        onnxruntime computes ``round_half_even(float32(sum) * float32(s / float32(s * n)))``
-        for ``n`` pixels: for ``n`` a power of two the multiplier is exactly ``1 / n``, and
-        for odd ``n`` ``sum / n`` lies at least ``1 / (2 n)`` from a tie, far beyond float32
-        error, so both give gluonq's integers. For other ``n`` (e.g. 196 = 14 x 14) a sum
-        that is exactly a tie can round one step the other way.
-        """
-        y = self.fresh(name + '/avgpool')
-        self.node('GlobalAveragePool', [self.dequantize(x)], [y])
-        return self.quantize(y, out_key, x.qp)
-
-    def _avg_pool_as_conv(self, name, x, in_shape, kernel, stride, pad, ceil, out_key):
-        """Average pooling as a depthwise QLinearConv with all-ones int8 weights.
-
-        gluonq (MXNet's int8 pooling) rounds ``sum / count`` half to even. onnxruntime's
-        QLinearConv does the same with the multiplier ``s_x * s_w / s_y``; with
-        ``s_y == s_x`` the weight scale is chosen so that the multiplier is exactly
-        ``float32(1 / count)``. For a power-of-two count that is exact; for an odd count
-        ``sum / count`` is never within float32 error of a tie; for other counts (6, 12,
-        ...) a sum exactly at a tie can round one step the other way. (onnxruntime's own
-        QLinearAveragePool rounds ties differently.)
-        """
-        c = in_shape[1]
-        count = int(np.prod(kernel))
-        w = self.const(name + '/pool_weight', np.ones((c, 1) + tuple(kernel), np.int8))
-        m = np.array([1.0 / count], np.float32)
-        s_w, _ = matching_weight_scales(m, x.scale, x.scale)
-        ws = self.const(name + '/pool_weight_scale', np.array(s_w[0], np.float32))
-        wz = self.const(name + '/pool_weight_zero_point', np.array(0, np.int8))
-        w_dq = self.fresh(name + '/pool_weight/dq')
-        self.node('DequantizeLinear', [w, ws, wz], [w_dq])
-        if ceil:
-            # MXNet's 'full' convention: extra windows at the end, padded with zeros and
-            # divided by the full kernel size (count_include_pad)
-            extra = []
-            for i, (size, kk, st, p) in enumerate(zip(in_shape[2:], kernel, stride, pad)):
-                n_floor = (size + 2 * p - kk) // st + 1
-                n_ceil = -(-(size + 2 * p - kk) // st) + 1
-                extra.append((n_ceil - n_floor) * st)
-        else:
-            extra = [0] * len(kernel)
-        y = self.fresh(name + '/avgpool')
-        self.node('Conv', [self.dequantize(x), w_dq], [y], kernel_shape=list(kernel),
-                  strides=list(stride), pads=list(pad) + [p + e for p, e in zip(pad, extra)],
-                  group=c)
-        return self.quantize(y, out_key, x.qp)
-
-    def _step_QuantizedMatMul(self, step, block):
-        """DequantizeLinear of each operand -> MatMul (-> Mul by alpha) -> QuantizeLinear or
-        float: the QDQ unit onnxruntime fuses into an int8 matmul. A transposed operand is
-        transposed as integers, before its DequantizeLinear."""
-        self._check_static(step, block)
-        name = step['name']
-        ins = []
-        for key, transposed in zip(step['inputs'], block._transpose):
-            x = self.as_q(key, step)
-            if transposed:
-                nd = len(self.shapes[key])
-                xt = _QT(self.fresh(name + '/transpose'), x.qp, self.act_dtype)
-                self.node('Transpose', [x.name], [xt.name],
-                          perm=list(range(nd - 2)) + [nd - 1, nd - 2])
-                x = xt
-            ins.append(self.dequantize(x))
-        y = self.fresh(name + '/matmul')
-        self.node('MatMul', ins, [y])
-        if block.alpha != 1.0:
-            alpha = self.const(name + '/alpha', np.array(block.alpha, np.float32))
-            y2 = self.fresh(name + '/alpha_mul')
-            self.node('Mul', [y, alpha], [y2])
+            y2 = b.fresh(name + '/relu')
+            b.node('Relu', [y], [y2])
             y = y2
-        out_qp, out_key = self._out_qp(block), step['outputs'][0]
-        self.env[out_key] = self.rename(y, out_key) if out_qp is None else \
-            self.quantize(y, out_key, out_qp)
-
-    def _step_QuantizedFlatten(self, step, block):
-        x = self.as_q(step['inputs'][0], step)
-        out_key = step['outputs'][0]
-        qt = _QT(self.fresh(out_key), x.qp, self.act_dtype)
-        self.node('Flatten', [x.name], [qt.name], axis=1)
-        self.env[out_key] = qt
-
-    def _step_QuantizedActivation(self, step, block):
-        x = self.as_q(step['inputs'][0], step)
-        out_key = step['outputs'][0]
-        self.env[out_key] = x if x.qp.dtype == 'uint8' else self.relu_q(x, out_key)
-
-    def _step_QuantizedShapeOp(self, step, block):
-        """The shape operator on the integer tensor (no Q/DQ): the same integers, moved."""
-        x = self.as_q(step['inputs'][0], step)
-        for key, out in zip(step['outputs'], _shape_op(self, step, block, x.name)):
-            qt = _QT(out, x.qp, self.act_dtype)
-            self.env[key] = qt
-
-    def _step_FloatOp(self, step, block):
-        _float_op(self, step, block)
+        elif block._act_type:
+            y = _float_activation(b, name, y, block._act_type)
+        if rows_view:
+            y2 = b.fresh(name + '/reshape')
+            b.node('Reshape', [y, b.rows_shape[name]], [y2])
+            y = y2
+        b.env[out_key] = b.rename(y, out_key)
+    elif rows_view:
+        rows = b.quantize_relu(y, name + '/rows', out_qp, relu)
+        qt = _QT(b.fresh(out_key), out_qp, b.act_dtype)
+        b.node('Reshape', [rows.name, b.rows_shape[name]], [qt.name])
+        b.env[out_key] = qt
+    else:
+        b.env[out_key] = b.quantize_relu(y, out_key, out_qp, relu)
 
 
-class _QTRaw(_QT):
-    """An ONNX-only 8-bit tensor (not a gluonq tensor) with a given scale and zero point."""
+def _layer_weights(b, name, block, params, x, out_qp):
+    """The weight and bias initializers of a layer and their DequantizeLinear outputs
+    ``(w_dq, b_dq)`` (``b_dq`` None without bias). Without a residual the weight scales are
+    the ones whose QLinearConv multiplier is gluonq's (:func:`matching_weight_scales`)."""
+    qp_in = block._in_q
+    w_q, s_w = params['weight'], params['weight_scale'].astype(np.float32)
+    units = w_q.shape[0]
+    per_channel = s_w.size > 1
+    # the weight scale written to the model
+    inv_in = quant.inv_scale_np(qp_in.min, qp_in.max, qp_in.dtype)
+    inv_w = quant.weight_inv_scale_np(s_w)
+    if out_qp is not None and not block._residual:
+        inv_out = quant.inv_scale_np(out_qp.min, out_qp.max, out_qp.dtype)
+        m = quant.requantize_multiplier_np(inv_out, inv_in, inv_w).reshape(-1)
+        s_w_model, exact = matching_weight_scales(m, x.scale, np.float32(out_qp.scale))
+        if not per_channel:
+            s_w_model = s_w_model[:1]
+        b.weight_scale_info[name] = (s_w_model, exact)
+    else:
+        s_w_model = s_w.reshape(-1)
+    w_zp = _weight_zero_point(b.weight_dtype)
+    w_dt = _np_dtype(b.weight_dtype)
+    w_name = b.const(name + '/weight', (w_q.astype(np.int16) + w_zp).astype(w_dt))
+    w_s = b.const(name + '/weight_scale', s_w_model if per_channel else
+                  np.array(s_w_model[0], np.float32))
+    w_z = b.const(name + '/weight_zero_point', np.full(units, w_zp, w_dt)
+                  if per_channel else np.array(w_zp, w_dt))
+    w_dq = b.fresh(name + '/weight/dq')
+    kw = {'axis': 0} if per_channel else {}
+    b.node('DequantizeLinear', [w_name, w_s, w_z], [w_dq], **kw)
+    if 'bias' not in params:
+        return w_dq, None
+    bias = params['bias']
+    if bias.dtype != np.int32:
+        raise ONNXExportError('step %r: float bias (dynamic layer)' % name)
+    b_scale = (x.scale * np.broadcast_to(s_w_model, (units,))).astype(np.float32)
+    b_name = b.const(name + '/bias', bias.astype(np.int32))
+    b_s = b.const(name + '/bias_scale', b_scale)
+    b_z = b.const(name + '/bias_zero_point', np.zeros(units, np.int32))
+    b_dq = b.fresh(name + '/bias/dq')
+    b.node('DequantizeLinear', [b_name, b_s, b_z], [b_dq], axis=0)
+    return w_dq, b_dq
 
-    def __init__(self, name, scale, zp, onnx_dtype):
-        self.name = name
-        self.qp = None
-        self.scale = np.float32(scale)
-        self.zp = int(zp)
-        self.onnx_dtype = onnx_dtype
+
+def _layer_op(b, name, block, is_dense, x, w_dq, b_dq, in_key, in_rank):
+    """The float Conv / Gemm of a layer on the DequantizeLinear of its input ``x``; a
+    dense input of rank > 2 is flattened as integers, and an input read only by strided
+    1x1 convolutions subsampled (:func:`_read_subsampled_only`). Returns its output."""
+    x_in = x
+    if is_dense and in_rank > 2:
+        flat = _QT(b.fresh(name + '/flatten'), x.qp, b.act_dtype)
+        b.node('Flatten', [x.name], [flat.name], axis=1 if block._flatten else in_rank - 1)
+        x_in = flat
+    k = None if is_dense else block._kwargs
+    strides = None if is_dense else list(k['stride'])
+    if not is_dense and _read_subsampled_only(b, in_key):
+        x_in = b.subsample(x_in, strides)
+        strides = [1] * len(strides)
+    x_dq = b.dequantize(x_in)
+    y = b.fresh(name + ('/conv' if not is_dense else '/gemm'))
+    if is_dense:
+        b.node('Gemm', [x_dq, w_dq] + ([b_dq] if b_dq else []), [y], transB=1)
+    else:
+        b.node('Conv', [x_dq, w_dq] + ([b_dq] if b_dq else []), [y],
+               kernel_shape=list(k['kernel']), strides=strides,
+               pads=list(k['pad']) * 2, dilations=list(k['dilate']),
+               group=int(k['num_group']))
+    return y
+
+
+def _residual_add(b, step, y, out_qp, relu, rows_view, in_rank):
+    """The layer result ``y`` plus its residual: with a quantized output and residual,
+    through an 8-bit intermediate of ``y`` (QLinearAdd); else in float."""
+    name = step['name']
+    r = b.env[step['inputs'][1]]
+    if rows_view:         # the residual as (rows, units) too, integers or float
+        r_rows = b.fresh(name + '/residual_rows')
+        b.node('Flatten', [r.name if isinstance(r, _QT) else r], [r_rows], axis=in_rank - 1)
+        r = _QT(r_rows, r.qp, b.act_dtype) if isinstance(r, _QT) else r_rows
+    if out_qp is not None and isinstance(r, _QT):
+        # round the conv result to an 8-bit intermediate whose saturation never
+        # changes the final result, then add (QLinearAdd)
+        cq = _residual_intermediate(b, name, out_qp, r.qp, relu)
+        c_qt = _QTRaw(b.fresh(name + '/preadd'), cq[0], cq[1], b.act_dtype)
+        b.residual_info[name]['tensor'] = c_qt.name
+        s, z = b.scale_zp(c_qt)
+        b.node('QuantizeLinear', [y, s, z], [c_qt.name])
+        c_dq = b.dequantize(c_qt)
+        y2 = b.fresh(name + '/add')
+        b.node('Add', [c_dq, b.dequantize(r)], [y2])
+        return y2
+    y2 = b.fresh(name + '/add')
+    b.node('Add', [y, b.dequantize(r) if isinstance(r, _QT) else r], [y2])
+    return y2
+
+
+def _read_subsampled_only(b, key):
+    """Do all readers of gluonq tensor ``key`` take every n-th pixel only: unpadded 1x1
+    convolutions with the same strides, some > 1 (ResNet v1's downsampling blocks)?
+
+    OpenVINO moves the strides of such readers up through the DequantizeLinear (it
+    inserts a pooling between the two) and then runs those convolutions in bf16 or
+    float, also on the anchors' own QDQ models. Subsampled on the integers first
+    (:meth:`subsample`), they stay int8 and share the one subsampling."""
+    if key in b.spec['outputs']:
+        return False
+    strides = set()
+    for st in b.spec['steps']:
+        if key not in st['inputs']:
+            continue
+        kw = getattr(b.qnet._children[st['name']], '_kwargs', {})
+        if not st['block'].startswith('QuantizedConv') or st['inputs'].index(key) != 0 \
+                or key in st['inputs'][1:] or any(d != 1 for d in kw['kernel']) or \
+                any(kw['pad']):
+            return False
+        strides.add(tuple(kw['stride']))
+    return len(strides) == 1 and max(next(iter(strides))) > 1
+
+
+def _rows_view_shape(b, name, x_name, units):
+    """Shape tensor ``x.shape[:-1] + (units,)`` (dynamic batch included)."""
+    shp, head = b.fresh(name + '/in_shape'), b.fresh(name + '/out_shape_head')
+    b.node('Shape', [x_name], [shp])
+    starts = b.const(name + '/starts', np.array([0], np.int64))
+    ends = b.const(name + '/ends', np.array([-1], np.int64))
+    b.node('Slice', [shp, starts, ends], [head])
+    last = b.const(name + '/units', np.array([units], np.int64))
+    out = b.fresh(name + '/out_shape')
+    b.node('Concat', [head, last], [out], axis=0)
+    b.rows_shape[name] = out
+
+
+def _float_activation(b, name, y, act):
+    ops = {'sigmoid': 'Sigmoid', 'tanh': 'Tanh', 'softrelu': 'Softplus',
+           'softsign': 'Softsign', 'relu': 'Relu'}
+    if act not in ops:
+        raise ONNXExportError('step %r: activation %r has no ONNX converter' % (name, act))
+    y2 = b.fresh(name + '/' + act)
+    b.node(ops[act], [y], [y2])
+    return y2
+
+
+def _residual_intermediate(b, name, out_qp, r_qp, relu):
+    """(scale, zero point) of the 8-bit intermediate conv result before a residual add.
+
+    The output saturates to [lo_y, hi_y] and the residual lies in [lo_r, hi_r], so a
+    conv result ``c`` outside the window ``[lo_y - hi_r, hi_y - lo_r]`` saturates the
+    output whatever the residual: saturating ``c`` to the window changes nothing. With
+    calibrated ranges of ``c`` (``calib_data``) the range is the calibrated one widened
+    by :data:`PREADD_MARGIN` and cut to the window: it rounds finer, and the margin
+    keeps inputs a little outside the calibration data from saturating it.
+    """
+    qlo, qhi = quant.QBOUNDS[out_qp.dtype]
+    lo_y, hi_y = qlo * float(out_qp.scale), qhi * float(out_qp.scale)
+    if relu:
+        lo_y = 0.0
+    rlo, rhi = quant.QBOUNDS[r_qp.dtype]
+    lo_r, hi_r = rlo * float(r_qp.scale), rhi * float(r_qp.scale)
+    lo_c, hi_c = lo_y - hi_r, hi_y - lo_r
+    window = [lo_c, hi_c]
+    calibrated = name in b.preadd_ranges
+    if calibrated:
+        clo, chi = b.preadd_ranges[name]
+        clo, chi = PREADD_MARGIN * min(float(clo), 0.0), PREADD_MARGIN * max(float(chi), 0.0)
+        lo_c, hi_c = max(lo_c, clo), min(hi_c, chi)
+        if hi_c - lo_c < quant.EPS_RANGE:
+            lo_c, hi_c = window
+    info = np.iinfo(_np_dtype(b.act_dtype))
+    scale = np.float32((hi_c - lo_c) / (info.max - info.min))
+    zp = _range_zero_point(lo_c, scale, b.act_dtype)
+    b.residual_info[name] = {'scale': float(scale), 'zero_point': zp,
+                                'range': [lo_c, hi_c], 'window': window,
+                                'calibrated': calibrated, 'tensor': None,
+                                'out_scale': float(out_qp.scale)}
+    return scale, zp
+
+
+@handles('QuantizedAdd')
+def _add(b, step, block):
+    _check_static(step, block)
+    qa, qb = (b.as_q(k, step) for k in step['inputs'])
+    y = b.fresh(step['name'] + '/add')
+    b.node('Add', [b.dequantize(qa), b.dequantize(qb)], [y])
+    out_qp = _out_qp(block)
+    out_key = step['outputs'][0]
+    if out_qp is None:
+        if block._relu:
+            y2 = b.fresh(step['name'] + '/relu')
+            b.node('Relu', [y], [y2])
+            y = y2
+        b.env[out_key] = b.rename(y, out_key)
+        return
+    b.env[out_key] = b.quantize_relu(y, out_key, out_qp, block._relu)
+
+
+@handles('QuantizedConcat')
+def _concat(b, step, block):
+    _check_static(step, block)
+    ins = [b.as_q(k, step) for k in step['inputs']]
+    out_qp = _out_qp(block)
+    out_key = step['outputs'][0]
+    dim = block._dim
+    if all(q.qp == out_qp for q in ins):
+        qt = _QT(b.fresh(out_key), out_qp, b.act_dtype)
+        b.node('Concat', [q.name for q in ins], [qt.name], axis=dim)
+        b.env[out_key] = qt
+        return
+    y = b.fresh(step['name'] + '/concat')
+    b.node('Concat', [b.dequantize(q) for q in ins], [y], axis=dim)
+    b.env[out_key] = b.quantize(y, out_key, out_qp)
+
+
+@handles('QuantizedPooling')
+def _pooling(b, step, block):
+    x = b.as_q(step['inputs'][0], step)
+    k = block._kwargs
+    out_key = step['outputs'][0]
+    in_shape = b.shapes[step['inputs'][0]]
+    if k['global_pool']:
+        kernel, stride, pad = list(in_shape[2:]), [1, 1], [0, 0]
+    else:
+        kernel, stride, pad = list(k['kernel']), list(k['stride']), list(k['pad'])
+    ceil = int(k['pooling_convention'] == 'full')
+    if k['pool_type'] == 'max':
+        qt = _QT(b.fresh(out_key), x.qp, b.act_dtype)
+        b.node('MaxPool', [x.name], [qt.name], kernel_shape=kernel, strides=stride,
+                  pads=pad * 2, ceil_mode=ceil)
+        b.env[out_key] = qt
+        return
+    if k['global_pool']:
+        b.env[out_key] = _global_avg_pool(b, step['name'], x, out_key)
+        return
+    if not k.get('count_include_pad', True):
+        raise ONNXExportError('step %r: int8 average pooling with count_include_pad='
+                              'False has no exact ONNX form' % step['name'])
+    b.env[out_key] = _avg_pool_as_conv(b, step['name'], x, in_shape, kernel,
+                                               stride, pad, ceil, out_key)
+
+
+def _global_avg_pool(b, name, x, out_key):
+    """Global average pooling as ``DQ -> GlobalAveragePool -> Q`` at the input's scale:
+    onnxruntime fuses it into QLinearGlobalAveragePool and OpenVINO into a u8 Reduce.
+
+    onnxruntime computes ``round_half_even(float32(sum) * float32(s / float32(s * n)))``
+    for ``n`` pixels: for ``n`` a power of two the multiplier is exactly ``1 / n``, and
+    for odd ``n`` ``sum / n`` lies at least ``1 / (2 n)`` from a tie, far beyond float32
+    error, so both give gluonq's integers. For other ``n`` (e.g. 196 = 14 x 14) a sum
+    that is exactly a tie can round one step the other way.
+    """
+    y = b.fresh(name + '/avgpool')
+    b.node('GlobalAveragePool', [b.dequantize(x)], [y])
+    return b.quantize(y, out_key, x.qp)
+
+
+def _avg_pool_as_conv(b, name, x, in_shape, kernel, stride, pad, ceil, out_key):
+    """Average pooling as a depthwise QLinearConv with all-ones int8 weights.
+
+    gluonq (MXNet's int8 pooling) rounds ``sum / count`` half to even. onnxruntime's
+    QLinearConv does the same with the multiplier ``s_x * s_w / s_y``; with
+    ``s_y == s_x`` the weight scale is chosen so that the multiplier is exactly
+    ``float32(1 / count)``. For a power-of-two count that is exact; for an odd count
+    ``sum / count`` is never within float32 error of a tie; for other counts (6, 12,
+    ...) a sum exactly at a tie can round one step the other way. (onnxruntime's own
+    QLinearAveragePool rounds ties differently.)
+    """
+    c = in_shape[1]
+    count = int(np.prod(kernel))
+    w = b.const(name + '/pool_weight', np.ones((c, 1) + tuple(kernel), np.int8))
+    m = np.array([1.0 / count], np.float32)
+    s_w, _ = matching_weight_scales(m, x.scale, x.scale)
+    ws = b.const(name + '/pool_weight_scale', np.array(s_w[0], np.float32))
+    wz = b.const(name + '/pool_weight_zero_point', np.array(0, np.int8))
+    w_dq = b.fresh(name + '/pool_weight/dq')
+    b.node('DequantizeLinear', [w, ws, wz], [w_dq])
+    if ceil:
+        # MXNet's 'full' convention: extra windows at the end, padded with zeros and
+        # divided by the full kernel size (count_include_pad)
+        extra = []
+        for i, (size, kk, st, p) in enumerate(zip(in_shape[2:], kernel, stride, pad)):
+            n_floor = (size + 2 * p - kk) // st + 1
+            n_ceil = -(-(size + 2 * p - kk) // st) + 1
+            extra.append((n_ceil - n_floor) * st)
+    else:
+        extra = [0] * len(kernel)
+    y = b.fresh(name + '/avgpool')
+    b.node('Conv', [b.dequantize(x), w_dq], [y], kernel_shape=list(kernel),
+              strides=list(stride), pads=list(pad) + [p + e for p, e in zip(pad, extra)],
+              group=c)
+    return b.quantize(y, out_key, x.qp)
+
+
+@handles('QuantizedMatMul')
+def _matmul(b, step, block):
+    """DequantizeLinear of each operand -> MatMul (-> Mul by alpha) -> QuantizeLinear or
+    float: the QDQ unit onnxruntime fuses into an int8 matmul. A transposed operand is
+    transposed as integers, before its DequantizeLinear."""
+    _check_static(step, block)
+    name = step['name']
+    ins = []
+    for key, transposed in zip(step['inputs'], block._transpose):
+        x = b.as_q(key, step)
+        if transposed:
+            nd = len(b.shapes[key])
+            xt = _QT(b.fresh(name + '/transpose'), x.qp, b.act_dtype)
+            b.node('Transpose', [x.name], [xt.name],
+                      perm=list(range(nd - 2)) + [nd - 1, nd - 2])
+            x = xt
+        ins.append(b.dequantize(x))
+    y = b.fresh(name + '/matmul')
+    b.node('MatMul', ins, [y])
+    if block.alpha != 1.0:
+        alpha = b.const(name + '/alpha', np.array(block.alpha, np.float32))
+        y2 = b.fresh(name + '/alpha_mul')
+        b.node('Mul', [y, alpha], [y2])
+        y = y2
+    out_qp, out_key = _out_qp(block), step['outputs'][0]
+    b.env[out_key] = b.rename(y, out_key) if out_qp is None else \
+        b.quantize(y, out_key, out_qp)
+
+
+@handles('QuantizedFlatten')
+def _flatten(b, step, block):
+    x = b.as_q(step['inputs'][0], step)
+    out_key = step['outputs'][0]
+    qt = _QT(b.fresh(out_key), x.qp, b.act_dtype)
+    b.node('Flatten', [x.name], [qt.name], axis=1)
+    b.env[out_key] = qt
+
+
+@handles('QuantizedActivation')
+def _relu(b, step, block):
+    x = b.as_q(step['inputs'][0], step)
+    out_key = step['outputs'][0]
+    b.env[out_key] = x if x.qp.dtype == 'uint8' else b.relu_q(x, out_key)
+
+
+@handles('QuantizedShapeOp')
+def _shape_step(b, step, block):
+    """The shape operator on the integer tensor (no Q/DQ): the same integers, moved."""
+    x = b.as_q(step['inputs'][0], step)
+    for key, out in zip(step['outputs'], _shape_op(b, step, block, x.name)):
+        qt = _QT(out, x.qp, b.act_dtype)
+        b.env[key] = qt
 
 
 # ---------------------------------------------------------------------------------------
@@ -1013,6 +1094,7 @@ _FLOAT_HANDLERS = dict({op: _float_shape for op in _SHAPE_HANDLERS},
 # ---------------------------------------------------------------------------------------
 # float ops: MXNet's own ONNX converters, one op at a time
 # ---------------------------------------------------------------------------------------
+@handles('FloatOp')
 def _float_op(b, step, block):
     handler = _FLOAT_HANDLERS.get(block._op)
     if handler is not None:
@@ -1179,7 +1261,7 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
         ranges = preadd_ranges(qnet, calib_data, calib_mode)
     else:       # ranges the converter observed on the float network, if it recorded them
         ranges = {k: tuple(v) for k, v in qnet.spec.get('preadd_ranges', {}).items()}
-    b = _Builder(qnet, _resolve_shape(qnet, input_shape), int(opset), act_dtype,
+    b = _Context(qnet, _resolve_shape(qnet, input_shape), int(opset), act_dtype,
                  dynamic_batch, ranges, weight_dtype)
     model = b.build()
     if check:
@@ -1263,8 +1345,3 @@ def residual_intermediates(model):
     before the add (see the module docstring)."""
     props = {p.key: p.value for p in model.metadata_props}
     return json.loads(props.get('gluonq.residual_intermediates', '{}'))
-
-
-def onnx_zero_point(gluonq_dtype, act_dtype='uint8'):
-    """Zero point of the ONNX tensor holding gluonq ``gluonq_dtype`` integers."""
-    return _zero_point(gluonq_dtype, act_dtype)
