@@ -1,12 +1,16 @@
 """The quantization math of gluonq, in one place.
 
-Every quantized tensor is *symmetric*: a real value ``r`` is held as an integer ``q`` with
-``r = q * scale`` and no zero point.
+A quantized tensor is *symmetric* (``r = q * scale``, no zero point) or, for uint8 activations
+with a lopsided range, *affine* (``r = (q - z) * scale``):
 
 * ``int8``: range ``[-M, M]``, ``scale = M / 127``; activations saturate to [-128, 127] (as
   oneDNN and ONNX do), weights are kept in [-127, 127].
 * ``uint8``: ``q`` in [0, 255], range ``[0, M]``, ``scale = M / 255``; only for tensors whose
   calibrated minimum is >= 0 (after ReLU, say).
+* affine ``uint8``: range ``[lo, hi]`` with ``lo < 0``: ``scale = (hi - lo) / 255`` and the
+  zero point ``z = round(-lo / scale)`` in [1, 255], the integer that stands for a real 0.
+  A layer reading it computes ``sum(q_w * (q_x - z)) = sum(q_w * q_x) - z * sum(q_w)``: the
+  second term is folded into its int32 bias, and padding uses ``z`` (see :class:`QParams`).
 * ``int32``: accumulators ``acc = sum(q_x * q_w) + q_b`` at ``scale = s_x * s_w``.
 
 Weights are int8 with ``scale = max|w| / 127`` per tensor or per output channel (max-abs, so
@@ -38,8 +42,10 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ['QRANGE', 'QBOUNDS', 'QParams', 'EPS_RANGE', 'dtype_for_range', 'scale_from_range',
-           'scale_from_max', 'quantize_weight', 'quantize_bias', 'accumulator_bound',
-           'inv_scale_f', 'weight_inv_scale_f', 'requantize_multiplier_f', 'quantize_f',
+           'scale_from_max', 'quantize_weight', 'quantize_bias', 'bias_headroom',
+           'fold_zero_point', 'accumulator_bound',
+           'inv_scale_f', 'affine_inv_scale_f', 'quantize_affine_f', 'dequantize_affine_f',
+           'affine_inv_scale_np', 'zero_point_np', 'SCHEMES', 'weight_inv_scale_f', 'requantize_multiplier_f', 'quantize_f',
            'dynamic_range_f', 'dequantize_f', 'dequantize_acc_f', 'requantize_f',
            'bias_to_int32_f', 'round_half_even_f', 'split_operand_f', 'matmul_bound',
            'matmul_int_f',
@@ -127,41 +133,127 @@ def snap_range_max(m, dtype, window=256):
     return float(m0)
 
 
-class QParams:
-    """Quantization parameters of one activation tensor: dtype and real range.
+SCHEMES = ('symmetric', 'affine')
 
-    ``min``/``max`` are in real units; for int8 the range is symmetric (``min == -max``),
-    for uint8 ``min == 0``. Plain data: ``to_dict``/``from_dict`` give JSON.
+
+def affine_inv_scale_np(lo, hi):
+    """float32 integer steps per real unit of an affine uint8 range: ``255 / (hi - lo)``."""
+    span = np.float32(max(float(np.float32(np.float32(hi) - np.float32(lo))), EPS_RANGE))
+    return np.float32(np.float32(QRANGE['uint8']) / span)
+
+
+def zero_point_np(lo, hi):
+    """Zero point of the affine uint8 range [lo, hi]: ``round_half_even(-lo * inv)``."""
+    inv = affine_inv_scale_np(lo, hi)
+    return int(np.clip(np.rint(np.float32(-np.float32(lo) * inv)), 0, 255))
+
+
+def _affine_range(lo, hi):
+    """float32 ``(lo, hi)`` of an affine uint8 range covering [lo, hi] (lo < 0 <= hi).
+
+    The span ``hi - lo`` is snapped like a symmetric range (:func:`snap_range_max`), so that
+    MXNet's fused kernels take the same inverse scale; ``lo`` becomes ``-z / inv`` for the
+    integer zero point ``z`` and ``hi`` is chosen so that ``float32(hi - lo)`` is the span
+    exactly. Re-deriving from the result gives the same values (the spec round-trips).
+    Returns None when ``z`` rounds to 0 (a plain uint8 range then).
     """
-    __slots__ = ('dtype', 'min', 'max')
+    span = np.float32(snap_range_max(max(float(hi) - float(lo), EPS_RANGE), 'uint8'))
+    inv = np.float32(np.float32(QRANGE['uint8']) / span)
+    z = int(np.clip(np.rint(np.float32(np.float32(-lo) * inv)), 0, 255))
+    if z == 0:
+        return None
+    if z == 255:
+        return -float(span), 0.0
+    lo0 = np.float32(-np.float32(np.float32(z) / inv))
+    steps = np.arange(-32, 33, dtype=np.int32)
+    for dl in steps[np.argsort(np.abs(steps), kind='stable')]:    # nearest -z / inv first
+        lo32 = (np.array([lo0]).view(np.int32) + dl).view(np.float32)[0]
+        hi0 = np.float32(lo32 + span)
+        for dh in (0, 1, -1, 2, -2):
+            hi32 = (np.array([hi0]).view(np.int32) + dh).view(np.float32)[0]
+            if np.float32(hi32 - lo32) == span and zero_point_np(lo32, hi32) == z:
+                return float(lo32), float(hi32)
+    raise ArithmeticError('no float32 affine range for [%r, %r]' % (lo, hi))
 
-    def __init__(self, dtype, lo, hi):
+
+class QParams:
+    """Quantization parameters of one activation tensor: dtype, real range and scheme.
+
+    ``min``/``max`` are in real units. Symmetric: int8 ranges have ``min == -max``, uint8
+    ranges ``min == 0``. Affine (``scheme='affine'``, uint8 only): ``min < 0`` and the zero
+    point is :attr:`zero_point`; an affine request for a range with ``min >= 0`` (or whose
+    zero point rounds to 0) gives a plain uint8 range. Plain data: ``to_dict``/``from_dict``
+    give JSON.
+    """
+    __slots__ = ('dtype', 'min', 'max', 'scheme')
+
+    def __init__(self, dtype, lo, hi, scheme='symmetric'):
+        if scheme not in SCHEMES:
+            raise ValueError("quantization scheme must be 'symmetric' or 'affine', got %r"
+                             % (scheme,))
+        rng = None
+        if scheme == 'affine':
+            if dtype not in ('uint8', 'auto'):
+                raise ValueError("the affine scheme holds uint8 tensors, got dtype %r"
+                                 % (dtype,))
+            rng = _affine_range(min(float(lo), 0.0), max(float(hi), 0.0)) \
+                if float(lo) < 0 else None
+            dtype, lo = 'uint8', max(float(lo), 0.0)
+        self.scheme = 'symmetric'
+        if rng is not None:
+            self.dtype, self.scheme = 'uint8', 'affine'
+            self.min, self.max = rng
+            return
         self.dtype = dtype_for_range(lo, hi, dtype)
         m = snap_range_max(max(abs(float(lo)), abs(float(hi)), EPS_RANGE), self.dtype)
         self.min = 0.0 if self.dtype == 'uint8' else -m
         self.max = m
 
     @classmethod
-    def from_observed(cls, lo, hi, dtype='auto'):
+    def from_observed(cls, lo, hi, dtype='auto', scheme='symmetric'):
         """QParams covering an observed [lo, hi] (0 is always inside the range)."""
-        return cls(dtype, min(float(lo), 0.0), max(float(hi), 0.0))
+        return cls(dtype, min(float(lo), 0.0), max(float(hi), 0.0), scheme)
+
+    @property
+    def is_affine(self):
+        return self.scheme == 'affine'
+
+    @property
+    def zero_point(self):
+        """The integer that holds a real 0: 0 for symmetric tensors."""
+        return zero_point_np(self.min, self.max) if self.is_affine else 0
+
+    @property
+    def inv_scale(self):
+        """Integer steps per real unit (float32)."""
+        if self.is_affine:
+            return affine_inv_scale_np(self.min, self.max)
+        return inv_scale_np(self.min, self.max, self.dtype)
 
     @property
     def scale(self):
         """Real value of one integer step (float32)."""
+        if self.is_affine:
+            return np.float32(np.float32(self.max - self.min) / QRANGE['uint8'])
         return scale_from_max(self.max, self.dtype)
 
     def to_dict(self):
-        return {'dtype': self.dtype, 'min': self.min, 'max': self.max}
+        d = {'dtype': self.dtype, 'min': self.min, 'max': self.max}
+        if self.is_affine:
+            d['scheme'] = 'affine'
+        return d
 
     @classmethod
     def from_dict(cls, d):
-        return cls(d['dtype'], d['min'], d['max'])
+        return cls(d['dtype'], d['min'], d['max'], d.get('scheme', 'symmetric'))
 
     def __eq__(self, other):
         return isinstance(other, QParams) and self.to_dict() == other.to_dict()
 
     def __repr__(self):
+        if self.is_affine:
+            return 'QParams(uint8 affine, [%g, %g], zero_point=%d)' % (
+                self.min, self.max, self.zero_point)
         return 'QParams(%s, [%g, %g])' % (self.dtype, self.min, self.max)
 
 
@@ -194,16 +286,18 @@ def quantize_np(x, qp):
     """Reference of the quantize step: ``saturate(round_half_even(float32(x) * inv))``.
 
     ``inv = Q / M`` in float32, exactly as MXNet's ``contrib.quantize`` computes it.
+    An affine tensor adds its zero point after rounding: ``clip(rne(x * inv), -z, 255 - z) + z``.
     """
     lo, hi = QBOUNDS[qp.dtype]
-    inv = inv_scale_np(qp.min, qp.max, qp.dtype)
-    y = np.clip((np.asarray(x, np.float32) * inv).astype(np.float32), lo, hi)
-    return np.rint(y).astype(np.int8 if qp.dtype == 'int8' else np.uint8)
+    z = qp.zero_point
+    y = np.clip((np.asarray(x, np.float32) * qp.inv_scale).astype(np.float32), lo - z, hi - z)
+    return (np.rint(y) + z).astype(np.int8 if qp.dtype == 'int8' else np.uint8)
 
 
 def dequantize_np(q, qp):
-    """Real values of integers ``q`` held with QParams ``qp``: ``float32(q) / inv``."""
-    return (q.astype(np.float32) / inv_scale_np(qp.min, qp.max, qp.dtype)).astype(np.float32)
+    """Real values of integers ``q`` held with QParams ``qp``: ``float32(q - z) / inv``."""
+    return ((q.astype(np.float32) - np.float32(qp.zero_point)) / qp.inv_scale).astype(
+        np.float32)
 
 
 def quantize_weight(w, per_channel=True, axis=0):
@@ -341,6 +435,21 @@ def quantize_bias(b, s_in, s_w, headroom=0):
     return np.clip(q, -lim, lim).astype(np.int32)
 
 
+def bias_headroom(q_w, in_dtype, zero_point=0):
+    """Per output channel, the largest ``|sum(q_x * q_w)|`` a layer can add to its bias:
+    ``QRANGE_MAX_ABS[in] * sum|q_w|``, twice that for an affine input (whose folded zero
+    point term ``z * sum(q_w)`` is as large again)."""
+    s = np.abs(np.asarray(q_w).reshape(len(q_w), -1).astype(np.int64)).sum(axis=1)
+    return QRANGE_MAX_ABS[in_dtype] * s * (2 if zero_point else 1)
+
+
+def fold_zero_point(b_q, q_w, zero_point):
+    """int32 bias of a layer whose uint8 input has zero point ``z``: ``b_q - z * sum(q_w)``
+    per output channel, so that ``sum(q_w * q_x) + bias == sum(q_w * (q_x - z)) + b_q``."""
+    wsum = np.asarray(q_w).reshape(len(q_w), -1).astype(np.int64).sum(axis=1)
+    return (np.asarray(b_q, np.int64) - int(zero_point) * wsum).astype(np.int32)
+
+
 def requantize_np(terms, dtype, relu=False, fused_sum=False):
     """Reference requantize: ``saturate(round_half_even(sum(float32(q) * m) [relu]))``.
 
@@ -408,6 +517,11 @@ def inv_scale_f(F, lo, hi, dtype):
     return QRANGE[dtype] / m
 
 
+def affine_inv_scale_f(F, lo, hi):
+    """Integer steps per real unit of an affine uint8 range [lo, hi]: ``255 / (hi - lo)``."""
+    return QRANGE['uint8'] / F.maximum(F.broadcast_sub(hi, lo), EPS_RANGE)
+
+
 def weight_inv_scale_f(F, s_w):
     """``127.5 / (127.5 * s_w)``: the weight inverse scale exactly as oneDNN derives it."""
     return 127.5 / (s_w * 127.5)
@@ -437,6 +551,15 @@ def quantize_f(F, x, lo, hi, dtype):
     return q, lo, hi
 
 
+def quantize_affine_f(F, x, lo, hi, zero_point):
+    """float32 ``x`` -> affine uint8 ``(q, lo, hi)``: ``clip(rne(x * inv), -z, 255 - z) + z``
+    with ``inv = 255 / (hi - lo)`` (see ``quantize_np``); ``zero_point`` is the Python int
+    ``z`` of the range."""
+    y = F.clip(F.broadcast_mul(x, affine_inv_scale_f(F, lo, hi)), -zero_point,
+               QRANGE['uint8'] - zero_point)
+    return F.cast(round_half_even_f(F, y) + zero_point, 'uint8'), lo, hi
+
+
 def dequantize_f(F, qt, dtype='auto'):
     """Real values of a quantized tensor ``(q, lo, hi)``: ``float32(q) / inv``.
 
@@ -445,6 +568,15 @@ def dequantize_f(F, qt, dtype='auto'):
     """
     q, lo, hi = qt
     return F.broadcast_div(F.cast(q, 'float32'), inv_scale_f(F, lo, hi, dtype))
+
+
+def dequantize_affine_f(F, qt):
+    """Real values of an affine uint8 tensor ``(q, lo, hi)``: ``float32(q - z) / inv``, with
+    ``z = round_half_even(-lo * inv)`` (see :func:`zero_point_np`)."""
+    q, lo, hi = qt
+    inv = affine_inv_scale_f(F, lo, hi)
+    z = round_half_even_f(F, F.broadcast_mul(-lo, inv))
+    return F.broadcast_div(F.broadcast_sub(F.cast(q, 'float32'), z), inv)
 
 
 def dequantize_acc_f(F, acc, inv_in, inv_w, bshape):

@@ -88,9 +88,14 @@ class Observer:
         self._check_observed()
         return self.min_val, self.max_val
 
-    def calculate_qparams(self):
-        """:class:`QParams` (dtype and symmetric range) for the observed tensor."""
+    def calculate_qparams(self, scheme='symmetric'):
+        """:class:`QParams` for the observed tensor: symmetric (dtype and range), or with
+        ``scheme='affine'`` uint8 with a zero point covering the chosen range where the
+        observed minimum is < 0 (the range is clipped to what was observed)."""
         lo, hi = self.calculate_range()
+        if scheme == 'affine' and self.min_val < 0:
+            return QParams.from_observed(max(lo, self.min_val), min(hi, self.max_val),
+                                         'uint8', 'affine')
         return QParams.from_observed(lo, hi, self.resolved_dtype)
 
     def __repr__(self):

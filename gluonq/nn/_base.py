@@ -17,18 +17,20 @@ __all__ = ['QTensor', 'as_qtensor', 'IntParameter', 'QuantizedBlock', 'Quantized
 class QTensor(namedtuple('QTensor', ['data', 'min', 'max'])):
     """An int8 or uint8 tensor with its real range, as MXNet's int8 operators pass it.
 
-    ``data`` holds the integers; ``min``/``max`` are (1,)-shaped float32 tensors. The range
-    is symmetric: int8 data has ``min == -max`` and ``scale = max / 127``; uint8 data has
-    ``min == 0`` and ``scale = max / 255``. A hybridized block returns it as a plain list
-    ``[data, min, max]``, which every quantized block also accepts.
+    ``data`` holds the integers; ``min``/``max`` are (1,)-shaped float32 tensors. int8 data
+    is symmetric: ``min == -max`` and ``scale = max / 127``. uint8 data with ``min == 0`` has
+    ``scale = max / 255``; uint8 data with ``min < 0`` is affine: ``scale = (max - min) / 255``
+    and a zero point (see :class:`gluonq.quant.QParams`). A hybridized block returns it as a
+    plain list ``[data, min, max]``, which every quantized block also accepts.
     """
     __slots__ = ()
 
     def dequantize(self):
         """Real values (float32 NDArray); eager mode only."""
         q = self.data.asnumpy()
-        qp = quant.QParams('uint8' if q.dtype == np.uint8 else 'int8',
-                           float(self.min.asnumpy()[0]), float(self.max.asnumpy()[0]))
+        lo, hi = float(self.min.asnumpy()[0]), float(self.max.asnumpy()[0])
+        qp = quant.QParams('uint8' if q.dtype == np.uint8 else 'int8', lo, hi,
+                           'affine' if q.dtype == np.uint8 and lo < 0 else 'symmetric')
         return mx.nd.array(quant.dequantize_np(q, qp), ctx=self.data.context)
 
 
@@ -81,12 +83,17 @@ class IntParameter(Parameter):
         super()._load_init(data, ctx, cast_dtype=False, dtype_source=dtype_source)
 
 
-def _check_range(name, lo, hi, dtype):
+def _check_range(name, lo, hi, dtype, scheme='symmetric'):
     lo, hi = float(lo), float(hi)
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
         raise ValueError('%s: range must be finite with min <= max, got [%g, %g]'
                          % (name, lo, hi))
-    return quant.QParams(dtype, lo, hi)
+    if scheme not in quant.SCHEMES:
+        raise ValueError("%s: scheme must be 'symmetric' or 'affine', got %r" % (name, scheme))
+    if scheme == 'affine' and dtype not in ('auto', 'uint8'):
+        raise ValueError("%s: the affine scheme holds uint8 tensors, got dtype %r"
+                         % (name, dtype))
+    return quant.QParams(dtype, lo, hi, scheme)
 
 
 class QuantizedBlock(HybridBlock):
@@ -213,6 +220,9 @@ class QuantizedLayer(QuantizedBlock):
     in_range : (float, float) or None
         Calibrated real range of the input. None: dynamic mode, the range of each float
         input is computed at run time (``min``/``max`` of the tensor).
+    in_scheme : {'symmetric', 'affine'}
+        'affine': a uint8 input with a zero point where ``in_range`` has min < 0 (its term
+        ``z * sum(q_w)`` is folded into the int32 bias, padding uses ``z``).
     out_dtype : {None, 'float32', 'auto', 'uint8', 'int8'}
         'float32' returns real values computed from the int32 accumulator; otherwise the
         layer requantizes and returns a :class:`QTensor`. 'auto' is uint8 when the output
@@ -230,7 +240,7 @@ class QuantizedLayer(QuantizedBlock):
 
     def __init__(self, units, use_bias, activation, in_dtype='auto', in_range=None,
                  out_dtype=None, out_range=None, per_channel=True, residual=False,
-                 **kwargs):
+                 in_scheme='symmetric', **kwargs):
         super().__init__(**kwargs)
         self._units = units
         self._use_bias = use_bias
@@ -244,15 +254,21 @@ class QuantizedLayer(QuantizedBlock):
         self._act_type = activation
         self._in_q = None
         if in_range is not None:
-            dt = quant.dtype_for_range(in_range[0], in_range[1], in_dtype)
+            dt = in_dtype if in_scheme == 'affine' else \
+                quant.dtype_for_range(in_range[0], in_range[1], in_dtype)
             self._in_q = _check_range(self._where() + ' in_range', in_range[0], in_range[1],
-                                      dt)
-            self._in_dtype = dt
+                                      dt, in_scheme)
+            self._in_dtype = self._in_q.dtype
         else:
+            if in_scheme != 'symmetric':
+                raise ValueError("%s: in_scheme %r needs a calibrated in_range"
+                                 % (self._where(), in_scheme))
             self._in_dtype = 'int8' if in_dtype == 'auto' else in_dtype
             if self._in_dtype not in quant.QRANGE:
                 raise ValueError("%s: in_dtype must be 'auto', 'int8' or 'uint8', got %r"
                                  % (self._where(), in_dtype))
+        if self.in_zero_point:
+            self._use_bias = True       # the zero point's term lives in the int32 bias
         self._setup_output(out_dtype, out_range, activation == 'relu')
         if self._in_q is not None:
             with self.name_scope():
@@ -262,8 +278,8 @@ class QuantizedLayer(QuantizedBlock):
     def _make_weight_params(self, weight_shape):
         """int8 ``weight``, float32 ``weight_scale`` and (if any) the ``bias``.
 
-        The bias is int32 at scale ``s_in * s_w`` when the input range is calibrated; in
-        dynamic mode ``s_in`` is only known at run time, so the bias stays float32 and is
+        The bias is int32 at scale ``s_in * s_w`` when the input range is calibrated (for
+        an affine input minus ``z * sum(q_w)`` per output channel); in dynamic mode ``s_in`` is only known at run time, so the bias stays float32 and is
         quantized with the run-time scale.
         """
         self.weight = self._int_param('weight', weight_shape, np.int8)
@@ -293,7 +309,8 @@ class QuantizedLayer(QuantizedBlock):
         """Quantize float ``weight`` (and ``bias``) into this layer's integer parameters.
 
         Weights become int8 with a max-abs scale (per channel or per tensor); a static layer
-        stores the bias as int32 at ``s_in * s_w``. Arrays may be numpy or NDArray.
+        stores the bias as int32 at ``s_in * s_w``, less ``z * sum(q_w)`` for an affine
+        input with zero point ``z``. Arrays may be numpy or NDArray.
         """
         w = weight.asnumpy() if hasattr(weight, 'asnumpy') else np.asarray(weight, np.float32)
         q, scale = quant.quantize_weight(w, per_channel=self._per_channel)
@@ -308,9 +325,11 @@ class QuantizedLayer(QuantizedBlock):
             b = np.zeros(self._units, np.float32) if bias is None else \
                 (bias.asnumpy() if hasattr(bias, 'asnumpy') else np.asarray(bias, np.float32))
             if self.is_static:
-                headroom = quant.QRANGE_MAX_ABS[self._in_dtype] * np.abs(
-                    q.reshape(len(q), -1).astype(np.int64)).sum(axis=1)
-                b = quant.quantize_bias(b, self._in_q.scale, scale, headroom)
+                z = self._in_q.zero_point
+                b = quant.quantize_bias(b, self._in_q.scale, scale,
+                                        quant.bias_headroom(q, self._in_dtype, z))
+                if z:
+                    b = quant.fold_zero_point(b, q, z)
             self._set(self.bias, b)
         self._finish_shapes()
 
@@ -345,7 +364,7 @@ class QuantizedLayer(QuantizedBlock):
                 lo, hi = params['input_min'], params['input_max']
             else:
                 lo, hi = qt.min, qt.max
-            return qt, quant.inv_scale_f(F, lo, hi, self._in_dtype)
+            return qt, self._in_inv_scale(F, lo, hi)
         if F is mx.nd and x.dtype != np.float32:
             raise self._type_error('expected a float32 input or a QTensor, got %s data'
                                    % np.dtype(x.dtype).name)
@@ -353,8 +372,21 @@ class QuantizedLayer(QuantizedBlock):
             lo, hi = params['input_min'], params['input_max']
         else:
             lo, hi = quant.dynamic_range_f(F, x, self._in_dtype)
-        qt = QTensor(*quant.quantize_f(F, x, lo, hi, self._in_dtype))
-        return qt, quant.inv_scale_f(F, lo, hi, self._in_dtype)
+        if self.in_zero_point:
+            qt = QTensor(*quant.quantize_affine_f(F, x, lo, hi, self.in_zero_point))
+        else:
+            qt = QTensor(*quant.quantize_f(F, x, lo, hi, self._in_dtype))
+        return qt, self._in_inv_scale(F, lo, hi)
+
+    @property
+    def in_zero_point(self):
+        """Zero point of the input (0 unless the input is affine)."""
+        return self._in_q.zero_point if self._in_q is not None else 0
+
+    def _in_inv_scale(self, F, lo, hi):
+        if self.in_zero_point:
+            return quant.affine_inv_scale_f(F, lo, hi)
+        return quant.inv_scale_f(F, lo, hi, self._in_dtype)
 
     def _check_same_range(self, F, qt, params):
         if F is not mx.nd:
@@ -400,6 +432,8 @@ class QuantizedLayer(QuantizedBlock):
 
     def _quant_repr(self):
         src = 'dynamic' if self._in_q is None else '[%g, %g]' % (self._in_q.min, self._in_q.max)
+        if self.in_zero_point:
+            src += ' zero_point=%d' % self.in_zero_point
         return '%s %s -> %s, %s%s' % (self._in_dtype, src, self._out_repr(),
                                       'per-channel' if self._per_channel else 'per-tensor',
                                       ', +residual' if self._residual else '')

@@ -117,6 +117,9 @@ class Quantize(QuantizedBlock):
     in_range : (float, float) or None
         Calibrated real range (held in ``input_min``/``input_max``); None: dynamic, each
         input's own range.
+    scheme : {'symmetric', 'affine'}
+        'affine': uint8 with a zero point where ``in_range`` has min < 0 (the output
+        QTensor's range then has ``min < 0``; only gluonq's layers read it).
 
     Inputs:
         - **data**: float32 tensor of any shape.
@@ -125,16 +128,19 @@ class Quantize(QuantizedBlock):
         - **out**: :class:`QTensor` of the same shape.
     """
 
-    def __init__(self, out_dtype='auto', in_range=None, **kwargs):
+    def __init__(self, out_dtype='auto', in_range=None, scheme='symmetric', **kwargs):
         super().__init__(**kwargs)
         self._qp = None
         if in_range is not None:
-            dt = quant.dtype_for_range(in_range[0], in_range[1], out_dtype)
-            self._qp = _check_range('in_range', in_range[0], in_range[1], dt)
-            self._dtype = dt
+            dt = out_dtype if scheme == 'affine' else \
+                quant.dtype_for_range(in_range[0], in_range[1], out_dtype)
+            self._qp = _check_range('in_range', in_range[0], in_range[1], dt, scheme)
+            self._dtype = self._qp.dtype
             with self.name_scope():
                 self.input_min, self.input_max = self._range_params('input', self._qp)
         else:
+            if scheme != 'symmetric':
+                raise ValueError("Quantize: scheme %r needs a calibrated in_range" % (scheme,))
             self._dtype = 'int8' if out_dtype == 'auto' else out_dtype
             if self._dtype not in quant.QRANGE:
                 raise ValueError("out_dtype must be 'auto', 'int8' or 'uint8', got %r"
@@ -151,10 +157,15 @@ class Quantize(QuantizedBlock):
             raise self._type_error('expected float32 input, got %s' % np.dtype(x.dtype).name)
         if self._qp is None:
             input_min, input_max = quant.dynamic_range_f(F, x, self._dtype)
+        elif self._qp.is_affine:
+            return QTensor(*quant.quantize_affine_f(F, x, input_min, input_max,
+                                                    self._qp.zero_point))
         return QTensor(*quant.quantize_f(F, x, input_min, input_max, self._dtype))
 
     def __repr__(self):
         rng = 'dynamic' if self._qp is None else '[%g, %g]' % (self._qp.min, self._qp.max)
+        if self._qp is not None and self._qp.is_affine:
+            rng += ' zero_point=%d' % self._qp.zero_point
         return '%s(float32 -> %s, %s)' % (type(self).__name__, self._dtype, rng)
 
 
@@ -162,7 +173,8 @@ class Dequantize(QuantizedBlock):
     """Quantized tensor -> float32: the dequantize stub (PyTorch's DeQuantStub).
 
     ``out = float32(q) * max / Q`` with Q = 127 (int8) or 255 (uint8); the dtype is read
-    from the range (uint8 tensors have min >= 0).
+    from the range (uint8 tensors have min >= 0). With ``scheme='affine'`` the input is
+    affine uint8: ``out = float32(q - z) * (max - min) / 255``.
 
     Inputs:
         - **data**: :class:`QTensor` (or list ``[data, min, max]``).
@@ -171,15 +183,30 @@ class Dequantize(QuantizedBlock):
         - **out**: float32 tensor of the same shape.
     """
 
+    def __init__(self, scheme='symmetric', **kwargs):
+        super().__init__(**kwargs)
+        if scheme not in quant.SCHEMES:
+            raise ValueError("Dequantize: scheme must be 'symmetric' or 'affine', got %r"
+                             % (scheme,))
+        self._scheme = scheme
+
     def hybrid_forward(self, F, x):
         qt = as_qtensor(x)
         if qt is None:
             raise self._type_error('expected a QTensor (data, min, max), got %s'
                                    % type(x).__name__)
+        if F is mx.nd and (qt.data.dtype == np.uint8 and float(qt.min.asscalar()) < 0) != \
+                (self._scheme == 'affine'):
+            raise self._type_error('the input is %s, the block was built with scheme=%r'
+                                   % ('affine uint8' if self._scheme == 'symmetric'
+                                      else 'not affine', self._scheme))
+        if self._scheme == 'affine':
+            return quant.dequantize_affine_f(F, qt)
         return quant.dequantize_f(F, qt)
 
     def __repr__(self):
-        return '%s(-> float32)' % type(self).__name__
+        return '%s(%s-> float32)' % (type(self).__name__,
+                                     'affine ' if self._scheme == 'affine' else '')
 
 
 class QuantizedActivation(QuantizedBlock):

@@ -61,6 +61,9 @@ class _QuantizedConv(QuantizedLayer):
         xf = F.cast(qt.data, 'float32')
         wf = F.cast(params['weight'], 'float32')
         kw = dict(self._kwargs, no_bias=True)
+        if self.in_zero_point and any(kw['pad']):   # the padding holds a real 0: z
+            xf = _pad_constant(F, xf, kw['pad'], self.in_zero_point)
+            kw['pad'] = (0,) * len(kw['pad'])
         acc = None
         cg, groups = self.weight.shape[1], self._kwargs['num_group']
         for c0, c1 in self._chunks(cg):
@@ -129,6 +132,16 @@ class _QuantizedConv(QuantizedLayer):
         layer.initialize(ctx=conv.weight.list_ctx())
         layer.set_float_params(weight, None if conv.bias is None else conv.bias.data())
         return layer
+
+
+def _pad_constant(F, x, pad, value):
+    """Pad the spatial axes of an N-C-... float tensor by ``pad`` on both sides with ``value``
+    (``F.pad`` takes 4-d and 5-d tensors; a 1-d layout goes through a unit axis)."""
+    if len(pad) == 1:
+        y = _pad_constant(F, F.expand_dims(x, axis=2), (0,) + tuple(pad), value)
+        return F.squeeze(y, axis=2)
+    width = (0, 0, 0, 0) + tuple(p for p in pad for _ in range(2))
+    return F.pad(x, mode='constant', constant_value=float(value), pad_width=width)
 
 
 def _tuple(v, n):
