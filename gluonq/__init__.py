@@ -5,7 +5,7 @@
 * :func:`quantize_dynamic` -- int8 dense layers and matmuls with ranges from each batch
 * :func:`save_quantized` / :func:`load_quantized` -- int8 checkpoints
 * :mod:`gluonq.deploy` -- deployment, one module per target (the next three functions)
-* :func:`export_fast`, :func:`export_compact` -- deployment files for stock MXNet
+* :func:`export_fast` -- deployment files for stock MXNet (:func:`export_compact`: deprecated)
 * :func:`export_onnx` -- QDQ ONNX for onnxruntime (needs ``pip install gluonq[onnx]``)
 * :func:`export_openvino` -- OpenVINO IR, int8 (needs ``pip install gluonq[openvino]``)
 * :func:`import_onnx` -- a float ONNX model as a Gluon SymbolBlock (needs ``gluonq[onnx]``)

@@ -79,8 +79,9 @@ def _parser():
                      'PREFIX.json')
     out.add_argument('--export-fast', metavar='PREFIX', help='also write a deployment export '
                      'for stock MXNet using oneDNN fused int8 kernels')
-    out.add_argument('--export-compact', metavar='PREFIX', help='also write a deployment '
-                     'export for stock MXNet with int8 weights on disk')
+    out.add_argument('--export-compact', metavar='PREFIX', help='deprecated: also write '
+                     "gluonq's unfused reference chain for stock MXNet (int8 weights on disk; "
+                     'export_fast(qnet, prefix, int8_weights=True, exact=True) runs fused)')
     out.add_argument('--onnx', metavar='PATH', help='also write an ONNX (QDQ) model')
     out.add_argument('--onnx-weights', default='auto', choices=['auto', 'int8', 'uint8'],
                      help="ONNX weight type: int8 (U8S8, onnxruntime's fast path), uint8 "

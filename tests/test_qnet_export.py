@@ -82,3 +82,17 @@ def test_export_never_replaces_a_file_silently(converted, tmp_path):
     assert not os.path.exists(prefix + '-0000.params')
     qnet.export(prefix, overwrite=True)
     assert open(prefix + '-symbol.json').read() != 'a file of the user'
+
+
+def test_export_compact_still_works_and_warns(converted, tmp_path):
+    """The compact export is deprecated (README "Deployment"): it still writes files that
+    stock MXNet loads and that give the reference chain's outputs, and its warning names the
+    replacement."""
+    qnet, x = converted
+    prefix = str(tmp_path / 'compact')
+    with pytest.warns(DeprecationWarning, match=r'int8_weights=True, exact=True'):
+        paths = gluonq.export_compact(qnet, prefix)
+    assert paths == (prefix + '-symbol.json', prefix + '-0000.params')
+    want = qnet.forward_all(mx.nd.array(x))[qnet.spec['outputs'][0]].asnumpy()
+    for got in _load_without_gluonq(tmp_path, prefix, x):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
