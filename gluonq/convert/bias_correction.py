@@ -26,8 +26,8 @@ import mxnet as mx
 import numpy as np
 
 from .. import quant
-from .replay import (LAYER_BLOCKS, bias_scale, float_layer, float_tensors, int8_layer,
-                     real_input, replay, subset)
+from .replay import (LAYER_BLOCKS, bias_scale, float_layer, float_tensors, int32_bias,
+                     int8_layer, real_input, replay, subset)
 
 __all__ = ['correct_biases', 'channel_means', 'NUM_EXAMPLES']
 
@@ -90,12 +90,13 @@ def correct_biases(qnet, graph, batches):
         err = channel_means(step, [float_layer(step, real_input(step, block, x[0]), wq, bq)
                                    for x in inputs]) - float_means[step['name']]
         scale = bias_scale(step, block)
-        b_q = block.bias.data().asnumpy().astype(np.float64)
-        w_q = block.weight.data().asnumpy().astype(np.int64)
-        headroom = quant.QRANGE_MAX_ABS[step['config']['in_dtype']] * np.abs(
-            w_q.reshape(len(w_q), -1)).sum(axis=1)
+        b_q = int32_bias(block).astype(np.float64)
+        w_q = block.weight.data().asnumpy()
+        z = block.in_zero_point
+        headroom = quant.bias_headroom(w_q, step['config']['in_dtype'], z)
         new = quant.quantize_bias(b_q - err / scale, 1.0, 1.0, headroom)   # in int32 steps
-        block.bias.set_data(mx.nd.array(new, dtype=np.int32))
+        stored = quant.fold_zero_point(new, w_q, z) if z else new
+        block.bias.set_data(mx.nd.array(stored, dtype=np.int32))
         shifts[step['name']] = float(np.max(np.abs((new - b_q) * scale), initial=0.0))
         return None
 

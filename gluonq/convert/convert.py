@@ -19,7 +19,7 @@ from .bias_correction import correct_biases
 from .fallback import accuracy_fallback
 from .fold import conv_geometry, prepare
 from .graph import edge_key, parse_tuple, trace
-from .plan import check_exclude, make_plan
+from .plan import affine_candidates, check_exclude, make_plan
 from .qnet import QuantizedNet, mx_reason
 
 __all__ = ['quantize_net', 'trace_and_fold']
@@ -95,7 +95,7 @@ def trace_and_fold(net, input_shape):
 def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
                  num_calib_examples=None, per_channel=True, act_dtype='auto', exclude=None,
                  batch_size=32, calib_options=None, progress=True, bias_correction=False,
-                 eval_fn=None, max_drop=0.1):
+                 eval_fn=None, max_drop=0.1, act_scheme='symmetric'):
     """Quantize a float Gluon network to int8 with calibration data.
 
     Parameters
@@ -113,6 +113,12 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
         Per-output-channel weight scales (default) or one scale per tensor.
     act_dtype : {'auto', 'int8', 'uint8'}
         Activation dtype: 'auto' is uint8 where the calibrated minimum is >= 0.
+    act_scheme : {'symmetric', 'auto', 'affine'}
+        'affine' holds each float tensor that only conv/dense layers read (a network input,
+        the output of a float op such as hardswish) as uint8 with a zero point where its
+        range has min < 0 (:func:`gluonq.convert.plan.affine_candidates`); 'auto' does so
+        only where that makes the step at least ``AFFINE_GAIN`` (1.25) times finer than
+        symmetric int8, i.e. where the range is lopsided. Needs ``act_dtype='auto'``.
     exclude : list of str, optional
         Node names or glob patterns (e.g. ``'*conv0*'``, ``'*dense*'``) that stay float.
     calib_options : dict, optional
@@ -145,6 +151,12 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
     """
     if act_dtype not in ('auto', 'int8', 'uint8'):
         raise ValueError("act_dtype must be 'auto', 'int8' or 'uint8', got %r" % (act_dtype,))
+    if act_scheme not in ('symmetric', 'auto', 'affine'):
+        raise ValueError("act_scheme must be 'symmetric', 'auto' or 'affine', got %r"
+                         % (act_scheme,))
+    if act_scheme == 'affine' and act_dtype != 'auto':
+        raise ValueError("act_scheme='affine' holds tensors as uint8 with a zero point and "
+                         "needs act_dtype='auto', got act_dtype=%r" % (act_dtype,))
     exclude = list(exclude or [])
     batches = as_batches(calib_data, num_calib_batches, num_calib_examples, batch_size)
     if isinstance(net, mx.gluon.HybridBlock):
@@ -178,7 +190,9 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
         sym = graph.to_symbol(observed + preadd)
         collect(sym, graph.inputs[0], graph.params, batches, observers + preadd_obs,
                 progress)
-    qparams = {e: o.calculate_qparams() for e, o in zip(observed, observers)}
+    affine_ok = set(affine_candidates(units)) if act_dtype == 'auto' else set()
+    qparams = {e: _choose_qparams(o, act_scheme if e in affine_ok else 'symmetric')
+               for e, o in zip(observed, observers)}
     warnings = [o.fallback for o in observers if getattr(o, 'fallback', None)]
     for w in warnings:
         log.warning('calibration: %s', w)
@@ -193,7 +207,8 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
         'mode': calib_mode if isinstance(calib_mode, str) else calib_mode.__name__,
         'options': opts, 'num_examples': int(sum(b.shape[0] for b in batches)),
         'num_batches': len(batches), 'per_channel': bool(per_channel),
-        'act_dtype': act_dtype, 'exclude': exclude, 'warnings': warnings}
+        'act_dtype': act_dtype, 'act_scheme': act_scheme, 'exclude': exclude,
+        'warnings': warnings}
     spec['versions'] = {'gluonq': __version__, 'mxnet': mx.__version__}
     qnet = QuantizedNet(spec)
     _set_values(qnet, values)
@@ -202,8 +217,24 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
     if eval_fn is not None:
         qnet = accuracy_fallback(net, qnet, values, batches, eval_fn, max_drop, lambda nodes: (
             quantize_net(net, batches, calib_mode, None, None, per_channel, act_dtype,
-                         exclude + nodes, batch_size, calib_options, progress, bias_correction)))
+                         exclude + nodes, batch_size, calib_options, progress, bias_correction,
+                         act_scheme=act_scheme)))
     return qnet
+
+
+#: act_scheme='auto' takes an affine range where its step is at least this much finer.
+AFFINE_GAIN = 1.25
+
+
+def _choose_qparams(observer, scheme):
+    """The observer's QParams under ``scheme`` ('symmetric', 'auto' or 'affine')."""
+    sym = observer.calculate_qparams()
+    if scheme == 'symmetric':
+        return sym
+    aff = observer.calculate_qparams('affine')
+    if scheme == 'affine' or float(sym.scale) >= AFFINE_GAIN * float(aff.scale):
+        return aff
+    return sym
 
 
 def _propagate_qparams(units, producer, qparams):
@@ -265,9 +296,11 @@ def _build_spec(graph, units, qparams, per_channel, act_dtype):
         if want_q:
             qp = qparams[e]
             name = _step_name('quantize_' + edge_key(e), used)
+            cfg = {'out_dtype': qp.dtype, 'in_range': [qp.min, qp.max]}
+            if qp.is_affine:
+                cfg['scheme'] = 'affine'
             steps.append({'name': name, 'block': 'Quantize', 'inputs': [key],
-                          'outputs': [_qkey(e)],
-                          'config': {'out_dtype': qp.dtype, 'in_range': [qp.min, qp.max]}})
+                          'outputs': [_qkey(e)], 'config': cfg})
             have[(e, want_q)] = _qkey(e)
         else:
             name = _step_name('dequantize_' + edge_key(e), used)
@@ -353,6 +386,8 @@ def _layer_config(graph, u, qparams, out_qp, per_channel):
               'out_range': [out_qp.min, out_qp.max] if out_qp else None,
               'per_channel': bool(per_channel), 'residual': u.residual is not None,
               'activation': 'relu' if u.act else None, 'use_bias': has_bias}
+    if in_qp is not None and in_qp.is_affine:
+        common['in_scheme'] = 'affine'
     if u.kind == 'dense':
         cfg = dict(common, units=int(node.attr('num_hidden')),
                    flatten=node.bool_attr('flatten', True), in_units=int(w.shape[1]))

@@ -16,10 +16,11 @@ from ..nn.matmul import MATMUL_OPS
 from ..nn.shape_ops import SHAPE_OPS, SPLIT_OPS
 from .graph import parse_tuple
 
-__all__ = ['Unit', 'make_plan', 'check_exclude', 'ADD_OPS']
+__all__ = ['Unit', 'make_plan', 'check_exclude', 'affine_candidates', 'ADD_OPS']
 
 ADD_OPS = ('elemwise_add', '_Plus', '_plus', '_add', 'broadcast_add')
 LAYER_OPS = ('Convolution', 'FullyConnected')
+LAYER_KINDS = ('conv', 'dense')
 PASS_KINDS = ('add', 'concat', 'pool', 'flatten', 'relu', 'shape')
 #: scalar ops a matrix product absorbs into its requantize (or float output) scale
 MATMUL_SCALE_OPS = ('_mul_scalar', '_div_scalar')
@@ -156,6 +157,25 @@ def _pool_problem(graph, node):
         return ("average pooling with ceil_mode: MXNet's int8 kernel divides edge windows by "
                 "the full kernel size, float pooling by the clipped size")
     return None
+
+
+def affine_candidates(units):
+    """Float tensors that may be held as affine uint8 (with a zero point): those that int8
+    units read only as the main input of a conv or dense layer with a calibrated range.
+
+    Those layers fold the zero point into their int32 bias and pad with it; gluonq's other
+    int8 ops (add, concat, pooling, matmul, ...) and a layer's residual operand take
+    symmetric tensors only, and a tensor an int8 unit produces is requantized symmetrically.
+    """
+    produced_q = {e for u in units if u.is_int8 for e in u.outputs}
+    readers = {}
+    for u in units:
+        for i, (e, q) in enumerate(zip(u.inputs, u.in_q)):
+            if q:
+                readers.setdefault(e, []).append(
+                    u.kind in LAYER_KINDS and i == 0 and e != u.residual and
+                    u.dynamic_dtypes is None)
+    return [e for e, ok in readers.items() if all(ok) and e not in produced_q]
 
 
 def check_exclude(graph, exclude):

@@ -82,10 +82,12 @@ def real_input(step, block, x):
     """The real values a layer step computes with: its quantized input, dequantized (a
     float input is first quantized with the layer's calibrated input range)."""
     qt = as_qtensor(x)
+    z = block.in_zero_point
     if qt is None:
-        qt = QTensor(*quant.quantize_f(mx.nd, x, block.input_min.data(), block.input_max.data(),
-                                       step['config']['in_dtype']))
-    return quant.dequantize_f(mx.nd, qt)
+        lo, hi = block.input_min.data(), block.input_max.data()
+        qt = QTensor(*(quant.quantize_affine_f(mx.nd, x, lo, hi, z) if z else
+                       quant.quantize_f(mx.nd, x, lo, hi, step['config']['in_dtype'])))
+    return quant.dequantize_affine_f(mx.nd, qt) if z else quant.dequantize_f(mx.nd, qt)
 
 
 def float_layer(step, x, weight, bias):
@@ -112,14 +114,26 @@ def int8_layer(step, block):
     w = (q * s_w.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)
     if block.bias is None:
         return w, None
-    b = block.bias.data().asnumpy().astype(np.float64) * bias_scale(step, block)
+    b = int32_bias(block).astype(np.float64) * bias_scale(step, block)
     return w, b.astype(np.float32)
+
+
+def int32_bias(block):
+    """A static layer's int32 bias at ``s_in * s_w`` without its folded zero point term
+    (int64 numpy)."""
+    b = block.bias.data().asnumpy().astype(np.int64)
+    z = block.in_zero_point
+    if z:
+        w = block.weight.data().asnumpy().astype(np.int64)
+        b = b + z * w.reshape(len(w), -1).sum(axis=1)
+    return b
 
 
 def bias_scale(step, block):
     """Per output channel, the real value of one step of the int32 bias: ``s_in * s_w``."""
     cfg = step['config']
-    s_in = quant.QParams(cfg['in_dtype'], *cfg['in_range']).scale
+    s_in = quant.QParams(cfg['in_dtype'], *cfg['in_range'],
+                         cfg.get('in_scheme', 'symmetric')).scale
     s_w = block.weight_scale.data().asnumpy().astype(np.float64)
     return np.float64(s_in) * np.broadcast_to(s_w, (block.weight.shape[0],))
 

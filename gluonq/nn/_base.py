@@ -254,10 +254,8 @@ class QuantizedLayer(QuantizedBlock):
         self._act_type = activation
         self._in_q = None
         if in_range is not None:
-            dt = in_dtype if in_scheme == 'affine' else \
-                quant.dtype_for_range(in_range[0], in_range[1], in_dtype)
             self._in_q = _check_range(self._where() + ' in_range', in_range[0], in_range[1],
-                                      dt, in_scheme)
+                                      in_dtype, in_scheme)
             self._in_dtype = self._in_q.dtype
         else:
             if in_scheme != 'symmetric':

@@ -132,9 +132,7 @@ class Quantize(QuantizedBlock):
         super().__init__(**kwargs)
         self._qp = None
         if in_range is not None:
-            dt = out_dtype if scheme == 'affine' else \
-                quant.dtype_for_range(in_range[0], in_range[1], out_dtype)
-            self._qp = _check_range('in_range', in_range[0], in_range[1], dt, scheme)
+            self._qp = _check_range('in_range', in_range[0], in_range[1], out_dtype, scheme)
             self._dtype = self._qp.dtype
             with self.name_scope():
                 self.input_min, self.input_max = self._range_params('input', self._qp)
