@@ -52,6 +52,15 @@ residual=None, residual_qp=None, geometry=None, flatten=True)`` -> float32 array
 ``onednn_conv_ref(qx, qw, stride, pad, dilate, groups, vnni, halved=None)``,
 ``onednn_dense_ref(qx, qw, vnni)``: oneDNN's int32 accumulator on CPUs with/without VNNI
 ``error_bound(kind, w, x, in_dtype, in_range, per_channel, geometry, flatten, bias)``
+``affine_qparams(lo, hi)`` -> ``(inv, z)``, ``affine_quantize(x, inv, z)``,
+``affine_layer(kind, w, b, x, in_range, per_channel, geometry, flatten)``: a layer whose
+input is affine uint8 (float output)
+
+Affine uint8 (README "The arithmetic"): a range [lo, hi] with lo < 0 has the span
+``hi - lo`` snapped like a uint8 magnitude, ``inv = f32(255 / span)``, the zero point
+``z = round_half_even(f32(-lo * inv))`` in [0, 255], and ``q = clip(rne(f32(x * inv)), -z,
+255 - z) + z``. A layer computes ``acc = sum(q_w * (q_x - z)) + q_b`` with padding by ``z``
+(a real 0), ``q_b`` at ``s_x = f32(span / 255)``, saturated with twice the uint8 headroom.
 """
 import numpy as np
 
@@ -540,3 +549,49 @@ def _float_conv(x, w, g):
     """float64 convolution through the same patches as :func:`conv_int`."""
     return _conv(x, w, g.get('stride', 1), g.get('pad', 0), g.get('dilate', 1),
                  g.get('groups', 1), _exact_sum, np.float64)
+
+
+# -- affine uint8 inputs ----------------------------------------------------------------------
+def affine_qparams(lo, hi):
+    """``(inv, z)`` of the affine uint8 range [lo, hi] (lo < 0), by the documented rule."""
+    span = snap_max(float(hi) - float(lo), 'uint8')
+    inv = _f32(_f32(255) / _f32(span))
+    z = int(np.clip(np.rint(np.float64(_f32(_f32(-lo) * inv))), 0, 255))
+    return inv, z
+
+
+def affine_quantize(x, inv, z):
+    """``clip(rne(f32(x * inv)), -z, 255 - z) + z`` as uint8."""
+    y = (np.asarray(x, np.float32) * inv).astype(np.float32).astype(np.float64)
+    return (np.rint(np.clip(y, -z, 255 - z)) + z).astype(np.uint8)
+
+
+def affine_layer(kind, w, b, x, in_range, per_channel=True, geometry=None, flatten=True):
+    """Float output of a dense/conv layer with an affine uint8 input (float32 ``x``, the
+    calibrated ``in_range``): ``(sum(q_w * (q_x - z)) + q_b) * s_x * s_w``, exact."""
+    w = np.asarray(w, np.float32)
+    units = w.shape[0]
+    inv, z = affine_qparams(*in_range)
+    qx = affine_quantize(x, inv, z).astype(np.int64)
+    qw, s_w = weight_q(w, per_channel)
+    span = snap_max(float(in_range[1]) - float(in_range[0]), 'uint8')
+    s_x = _f32(np.float64(_f32(span)) / 255)
+    if kind == 'dense':
+        acc = dense_int(qx - z, qw, flatten)
+        shape = (1, -1) if flatten else (-1,)
+    else:
+        g = geometry or {}
+        nd = qx.ndim - 2
+        pad = _geometry(nd, 1, g.get('pad', 0), 1)[1]
+        padded = np.pad(qx, [(0, 0), (0, 0)] + [(p, p) for p in pad], constant_values=z)
+        acc = conv_int(padded - z, qw, g.get('stride', 1), 0, g.get('dilate', 1),
+                       g.get('groups', 1))
+        shape = (1, -1) + (1,) * (acc.ndim - 2)
+    if b is not None:
+        v = _round_half_away(np.asarray(b, np.float64) /
+                             (np.float64(s_x) * np.asarray(s_w, np.float64)))
+        h = 2 * MAX_ABS['uint8'] * np.abs(qw.astype(np.int64).reshape(units, -1)).sum(axis=1)
+        acc = acc + _per_channel(np.clip(v, -(INT32_MAX - h), INT32_MAX - h), units, shape)
+    real = acc.astype(np.float64) * np.float64(s_x) * \
+        _per_channel(s_w, units, shape).astype(np.float64)
+    return real.astype(np.float32)
