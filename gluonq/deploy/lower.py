@@ -395,11 +395,13 @@ def _var(name):
     return {'op': 'null', 'name': name, 'inputs': []}
 
 
-def _conv_attrs(block):
-    """The Convolution attributes of a QuantizedConv2D (NCHW) in a fused subgraph."""
+def _conv_attrs(block, x):
+    """The Convolution attributes of a QuantizedConv2D (NCHW) in a fused subgraph reading
+    ``x`` (an affine ``x`` comes padded with its zero point: no padding then)."""
     k = block._kwargs
+    pad = (0,) * len(k['pad']) if x.zp else k['pad']
     return {'kernel': str(tuple(k['kernel'])), 'stride': str(tuple(k['stride'])),
-            'dilate': str(tuple(k['dilate'])), 'pad': str(tuple(k['pad'])),
+            'dilate': str(tuple(k['dilate'])), 'pad': str(tuple(pad)),
             'num_filter': str(k['num_filter']), 'num_group': str(k['num_group']),
             'layout': 'NCHW'}
 
@@ -415,12 +417,17 @@ class _T:
     the dtype the MXNet graph holds it in and the MXNet range magnitude, whose scale
     ``Q'(mxdt) / R`` is ``inv`` (or, where no float32 ``R`` gives that, its nearest).
     ``mxdt`` differs from ``dtype`` for a ReLU'd int8 output of a fused residual layer,
-    which MXNet types uint8 (values 0..127 either way).
+    which MXNet types uint8 (values 0..127 either way). An affine uint8 tensor has zero
+    point ``zp`` > 0, ``M`` its span (max - min) and ``bounds`` its gluonq range: the fused
+    kernels read its integers as plain uint8 at the same scale.
     """
-    __slots__ = ('data', 'dtype', 'mxdt', 'M', 'inv', 'R', 'mx', 'gq', 'key')
+    __slots__ = ('data', 'dtype', 'mxdt', 'M', 'inv', 'R', 'mx', 'gq', 'key', 'zp', 'bounds')
 
-    def __init__(self, key, data, dtype, M, R=None, mx_rng=None, gq_rng=None, mxdt=None):
+    def __init__(self, key, data, dtype, M, R=None, mx_rng=None, gq_rng=None, mxdt=None,
+                 zp=0, bounds=None):
         self.key = key
+        self.zp = int(zp)
+        self.bounds = bounds
         self.data = data
         self.dtype = dtype
         self.mxdt = mxdt or dtype
@@ -443,7 +450,14 @@ class _T:
 
     def like(self, key, data, mx_rng):
         """The same quantization on new data (pass-through ops)."""
-        return _T(key, data, self.dtype, self.M, self.R, mx_rng, self.gq, self.mxdt)
+        return _T(key, data, self.dtype, self.M, self.R, mx_rng, self.gq, self.mxdt,
+                  self.zp, self.bounds)
+
+    def holds(self, qp):
+        """Is this tensor quantized as QParams ``qp`` says (dtype, scale, zero point)?"""
+        span = f32(f32(qp.max) - f32(qp.min)) if qp.is_affine else f32(qp.max)
+        return self.static and self.dtype == qp.dtype and self.zp == qp.zero_point and \
+            self.M == float(span)
 
 
 class LoweredNet:
@@ -585,9 +599,9 @@ class _Context:
 
     def gq_rng(self, t):
         if t.gq is None:
-            lo = 0.0 if t.dtype == 'uint8' else -t.M
+            lo, hi = t.bounds if t.zp else (0.0 if t.dtype == 'uint8' else -t.M, t.M)
             t.gq = (self.const(self.unique(t.key + '_min'), lo),
-                    self.const(self.unique(t.key + '_max'), t.M))
+                    self.const(self.unique(t.key + '_max'), hi))
         return t.gq
 
     def unique(self, name):
@@ -620,6 +634,15 @@ class _Context:
         else:
             for k, x in zip(outs, value):
                 self.env[k] = x
+
+    def quantize_as(self, x, key, qp, name):
+        """float symbol -> _T held as QParams ``qp`` (symmetric or affine)."""
+        if not qp.is_affine:
+            return self.quantize(x, key, qp.dtype, qp.max, name)
+        span = f32(f32(qp.max) - f32(qp.min))
+        t = _T(key, None, 'uint8', span, zp=qp.zero_point, bounds=(qp.min, qp.max))
+        t.data = quant.quantize_affine_f(mx.sym, x, *self.gq_rng(t), qp.zero_point)[0]
+        return t
 
     def quantize(self, x, key, dtype, M, name):
         """float symbol -> _T with gluonq's quantize arithmetic."""
@@ -663,7 +686,9 @@ class _Context:
         for k in spec['outputs']:
             v = self.env[k]
             if isinstance(v, _T):
-                v = quant.dequantize_f(mx.sym, QTensor(_as_float(v), *self.gq_rng(v)))
+                qt = QTensor(_as_float(v), *self.gq_rng(v))
+                v = quant.dequantize_affine_f(mx.sym, qt) if v.zp else \
+                    quant.dequantize_f(mx.sym, qt)
             outs.append(v)
         sym = outs[0] if len(outs) == 1 else mx.sym.Group(outs)
         sym = _safe_adds(self.cast_int_params(sym))
@@ -794,9 +819,10 @@ def _quantize(ctx, step, block):
     x, = ctx.inputs_of(step)
     if block._qp is None or isinstance(x, _T):
         return _reference(ctx, step, block, 'reference', 'dynamic range')
-    qp = block._qp
-    t = ctx.quantize(x, step['outputs'][0], qp.dtype, qp.max, ctx.unique(step['name']))
+    t = ctx.quantize_as(x, step['outputs'][0], block._qp, ctx.unique(step['name']))
     ctx.set_out(step, t)
+    if t.zp:
+        return ctx.note(step, 'float-ops', 'affine: zero point %d added in float32' % t.zp)
     ctx.note(step, 'mxnet-op', '' if t.mx is not None else
              'range not representable in MXNet: gluonq quantize op')
 
@@ -1012,15 +1038,16 @@ def _layer_operands(ctx, step, block):
     elif block._out_dtype != 'float32' and block._out_q is None:
         why = 'dynamic output range'
     in_q = block._in_q
-    if why is None and isinstance(x, _T) and (
-            not x.static or x.dtype != in_q.dtype or x.M != float(f32(in_q.max))):
+    if why is None and isinstance(x, _T) and not x.holds(in_q):
         why = 'input range differs from the layer calibration'
     if why:
         _reference(ctx, step, block, 'reference', why)
         return None
     if not isinstance(x, _T):
-        x = ctx.quantize(x, step['name'] + '_in', in_q.dtype, in_q.max,
-                         ctx.unique(step['name'] + '_quantize'))
+        x = ctx.quantize_as(x, step['name'] + '_in', in_q,
+                            ctx.unique(step['name'] + '_quantize'))
+    if x.zp and is_conv and any(block._kwargs['pad']):
+        x = _pad_zero_point(ctx, x, block._kwargs['pad'])
     params = {k[len(block.params.prefix):]: p for k, p in block.params.items()}
     q = params['weight'].data().asnumpy()
     C = q.shape[0]
@@ -1028,6 +1055,18 @@ def _layer_operands(ctx, step, block):
                           (C,)).astype(f32)
     b_q = params['bias'].data().asnumpy().astype(np.int64) if 'bias' in params else None
     return x, residual, q, s_w, b_q
+
+
+def _pad_zero_point(ctx, x, pad):
+    """An affine tensor padded with its zero point (a real 0), for a convolution that then
+    runs unpadded: oneDNN's int8 kernels pad with the integer 0. MXNet's ``pad`` takes only
+    float data, and the integers are exact in float32."""
+    width = (0, 0, 0, 0) + tuple(p for p in pad for _ in range(2))
+    padded = mx.sym.pad(_as_float(x), mode='constant', constant_value=float(x.zp),
+                        pad_width=width)
+    t = x.like(x.key + '_padded', mx.sym.Cast(padded, dtype='uint8'), None)
+    t.gq = None
+    return t
 
 
 def _layer_mode(block, is_conv, residual, q):
@@ -1124,7 +1163,7 @@ def _fused_layer(ctx, block, name, is_conv, mode, x, residual, q, img, bimg, out
         sub.append(_var('bias'))
     lattrs = {'no_bias': str(bimg is None)}
     if is_conv:
-        lattrs.update(_conv_attrs(block))
+        lattrs.update(_conv_attrs(block, x))
         sub.append({'op': 'Convolution', 'name': name + '_conv', 'attrs': lattrs,
                     'inputs': [[i, 0, 0] for i in range(len(sub))]})
     else:
@@ -1180,7 +1219,7 @@ def _split_conv(ctx, step, block, x, residual, q, s_w, b_q):
         return _reference(ctx, step, block, 'reference', 'no weight of magnitude 127')
     name = ctx.unique(step['name'])
     wsym = ctx.weight_symbol(name, q, img, per_tensor=True)
-    lattrs = dict(_conv_attrs(block), no_bias='True')
+    lattrs = dict(_conv_attrs(block, x), no_bias='True')
     # the data range only sets the operator's reported output range (unused here)
     lo, hi = ctx.const(name + '_half_min', 0.0), ctx.const(name + '_half_max', 1.0)
     accs = []

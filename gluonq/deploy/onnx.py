@@ -228,7 +228,7 @@ class _QT:
         self.qp = qp
         self.scale = np.float32(qp.scale)
         self.onnx_dtype = onnx_dtype
-        self.zp = _zero_point(qp.dtype, onnx_dtype)
+        self.zp = _zero_point(qp.dtype, onnx_dtype) + qp.zero_point
 
 
 class _QTRaw(_QT):
@@ -461,9 +461,8 @@ def _quantize(b, step, block):
         raise ONNXExportError('step %r quantizes with run-time (dynamic) ranges; ONNX '
                               'export needs a calibrated network (gluonq.quantize_net)'
                               % step['name'])
-    qp = quant.QParams(block._qp.dtype, block._qp.min, block._qp.max)
-    b.env[step['outputs'][0]] = b.quantize(b.env[step['inputs'][0]],
-                                                 step['outputs'][0], qp)
+    b.env[step['outputs'][0]] = b.quantize(b.env[step['inputs'][0]], step['outputs'][0],
+                                           block._qp)
 
 
 @handles('Dequantize')
@@ -498,7 +497,9 @@ def _layer(b, step, block):
               for k, v in block.params.items()}
     x = b.as_q(step['inputs'][0], step)
     qp_in = block._in_q
-    if x.qp.dtype != qp_in.dtype or not np.isclose(x.qp.max, qp_in.max, rtol=1e-6):
+    if x.qp.dtype != qp_in.dtype or x.qp.zero_point != qp_in.zero_point or \
+            not np.isclose(x.qp.max, qp_in.max, rtol=1e-6) or \
+            not np.isclose(x.qp.min, qp_in.min, rtol=1e-6):
         raise ONNXExportError('step %r: input range %r differs from the calibrated %r'
                               % (name, x.qp, qp_in))
     out_qp = _out_qp(block)
@@ -544,7 +545,7 @@ def _layer_weights(b, name, block, params, x, out_qp):
     units = w_q.shape[0]
     per_channel = s_w.size > 1
     # the weight scale written to the model
-    inv_in = quant.inv_scale_np(qp_in.min, qp_in.max, qp_in.dtype)
+    inv_in = qp_in.inv_scale
     inv_w = quant.weight_inv_scale_np(s_w)
     if out_qp is not None and not block._residual:
         inv_out = quant.inv_scale_np(out_qp.min, out_qp.max, out_qp.dtype)
@@ -570,6 +571,9 @@ def _layer_weights(b, name, block, params, x, out_qp):
     bias = params['bias']
     if bias.dtype != np.int32:
         raise ONNXExportError('step %r: float bias (dynamic layer)' % name)
+    if qp_in.zero_point:     # ONNX subtracts the input's zero point itself
+        bias = bias.astype(np.int64) + qp_in.zero_point * w_q.reshape(units, -1).astype(
+            np.int64).sum(axis=1)
     b_scale = (x.scale * np.broadcast_to(s_w_model, (units,))).astype(np.float32)
     b_name = b.const(name + '/bias', bias.astype(np.int32))
     b_s = b.const(name + '/bias_scale', b_scale)
