@@ -1,5 +1,7 @@
 """QuantizedMatMul against a numpy int64 model written here (no gluonq.quant), eager and
 hybridized, and the seed question's attention product A.B^T at [1, 4, 1024, 256]."""
+import json
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -146,6 +148,101 @@ def test_bit_exact_against_int64_model(seed, batch, m, n, k, ta, tb, dtypes, kin
     got2, rng2 = _as_numpy(block(*inputs))
     np.testing.assert_array_equal(got2, got)
     assert rng2 == rng_got
+
+
+def _lowering_net(cfg, kinds, dtypes, shapes):
+    """A QuantizedNet of one QuantizedMatMul on the inputs 'a' and 'b' -- read as float
+    (kinds 'static', 'dynamic') or as the int8 output of a Quantize step at range 2
+    ('qtensor') -- its integer output dequantized."""
+    from gluonq import QuantizedNet
+    steps, ins, qparams = [], [], {}
+    for which, kind, dtype in zip('ab', kinds, dtypes):
+        if kind != 'qtensor':
+            ins.append(which)
+            continue
+        lo = 0.0 if dtype == 'uint8' else -2.0
+        steps.append({'name': 'q' + which, 'block': 'Quantize', 'inputs': [which],
+                      'outputs': [which + '#q'],
+                      'config': {'out_dtype': dtype, 'in_range': [lo, 2.0]}})
+        ins.append(which + '#q')
+        qparams[which + '#q'] = {'dtype': dtype, 'min': lo, 'max': 2.0}
+    steps.append({'name': 'mm', 'block': 'QuantizedMatMul', 'inputs': ins, 'outputs': ['y'],
+                  'config': cfg})
+    outs = ['y']
+    if cfg.get('out_dtype', 'float32') != 'float32':
+        steps.append({'name': 'dq', 'block': 'Dequantize', 'inputs': ['y'], 'outputs': ['yf'],
+                      'config': {}})
+        outs = ['yf']
+    qnet = QuantizedNet({'format': 'gluonq.QuantizedNet', 'format_version': 1,
+                         'inputs': ['a', 'b'], 'input_shape': list(shapes[0]),
+                         'outputs': outs, 'steps': steps, 'qparams': qparams, 'report': []})
+    qnet.initialize()
+    return qnet
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1),
+       batch=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+       m=st.integers(1, 6), n=st.integers(1, 6),
+       k=st.one_of(st.integers(1, 40), st.integers(250, 1100)),
+       ta=st.booleans(), tb=st.booleans(),
+       dtypes=st.tuples(st.sampled_from(['int8', 'uint8']), st.sampled_from(['int8', 'uint8'])),
+       kinds=st.tuples(*[st.sampled_from(['static', 'qtensor', 'qtensor', 'dynamic'])] * 2),
+       out=st.sampled_from(['float32', 'int8', 'uint8', 'dynamic']),
+       alpha=st.sampled_from([1.0, 0.125, 1 / np.sqrt(48), 3.0]), positive=st.booleans())
+def test_fast_path_lowering_is_bit_exact(seed, batch, m, n, k, ta, tb, dtypes, kinds, out,
+                                         alpha, positive):
+    """The fast path's QuantizedMatMul (float32 ``linalg_gemm2`` of the integers in chunks
+    of K, epilogue as float32 operators) gives the int64 model's integers and floats bit
+    for bit, hybridized too; K beyond a chunk (uint8 x uint8: 258, uint8 x int8: 514,
+    int8 x int8: 1023) takes several products. Dynamic ranges keep gluonq's block."""
+    from gluonq import lower as L
+    rng = np.random.RandomState(seed)
+    shapes = [tuple(batch) + ((k, m) if ta else (m, k)),
+              tuple(batch) + ((n, k) if tb else (k, n))]
+    xs = [_values(rng, s, d, 2.0, positive) for s, d in zip(shapes, dtypes)]
+    cfg = {'transpose_a': ta, 'transpose_b': tb, 'alpha': alpha, 'contraction': k}
+    model_inputs = []
+    for which, x, dtype, kind in zip('ab', xs, dtypes, kinds):
+        cfg[which + '_dtype'] = dtype
+        if kind == 'static':
+            cfg[which + '_range'] = (0.0 if dtype == 'uint8' else -1.8, 1.8)
+        if kind == 'qtensor':
+            lo = 0.0 if dtype == 'uint8' else -2.0
+            model_inputs.append((quantize(x, lo, 2.0, dtype), np.float32(lo), np.float32(2.0)))
+        else:
+            model_inputs.append(x)
+    if out in ('int8', 'uint8'):
+        ref_float = np.matmul(np.swapaxes(xs[0], -1, -2) if ta else xs[0],
+                              np.swapaxes(xs[1], -1, -2) if tb else xs[1]) * alpha
+        hi = float(np.abs(ref_float).max()) * 0.9 + 1e-3        # a few saturate
+        cfg['out_range'], cfg['out_dtype'] = (0.0 if out == 'uint8' else -hi, hi), out
+    elif out == 'dynamic':
+        cfg['out_dtype'] = 'int8'
+    qnet = _lowering_net(cfg, kinds, dtypes, shapes)
+    block = qnet._children['mm']
+    expect = model(block, *model_inputs)
+    low = L.lower(qnet, exact=True)
+    how = {r['step']: r for r in low.report}['mm']
+    chunk = (2 ** 24 - 1) // (Q[dtypes[0]] + (dtypes[0] == 'int8')) // \
+        (Q[dtypes[1]] + (dtypes[1] == 'int8'))
+    gemms = sum(n['op'] == '_linalg_gemm2' for n in json.loads(low.symbol.tojson())['nodes'])
+    if 'dynamic' in kinds or out == 'dynamic':
+        assert how['lowering'] == 'reference' and 'dynamic' in how['reason']
+    else:
+        assert how['lowering'] == 'float-ops', how
+        assert gemms == -(-k // chunk)
+    args, aux = low.arg_aux()
+    args.update(a=mx.nd.array(xs[0]), b=mx.nd.array(xs[1]))
+    got = low.internal(['y']).bind(mx.cpu(), args=args, aux_states=aux,
+                                   grad_req='null').forward()[0].asnumpy()
+    np.testing.assert_array_equal(got, expect[0] if isinstance(expect, tuple) else expect)
+    assert got.dtype == (expect[0] if isinstance(expect, tuple) else expect).dtype
+    # the deployed graph (its own memory plan), against gluonq's eager network
+    blk = low.block()
+    blk.hybridize(static_alloc=True, static_shape=True)
+    ins = [mx.nd.array(x) for x in xs]
+    np.testing.assert_array_equal(blk(*ins).asnumpy(), qnet(*ins).asnumpy())
 
 
 def test_long_contraction_float64_remainder_hybridized():
@@ -296,7 +393,7 @@ def test_attention_converts_with_int8_matmuls(heads):
     np.testing.assert_allclose(fast, eager, rtol=0, atol=1e-5 * np.abs(eager).max())
     lowering = {r['step']: r for r in qnet.lowered.report}
     for r in dots:
-        assert lowering[r['step']]['lowering'] == 'reference'
+        assert lowering[r['step']]['lowering'] == 'float-ops'
         assert 'no int8 product of two tensors' in lowering[r['step']]['reason']
     for r in qnet.report:
         if r['op'] in ('Reshape', 'transpose'):

@@ -293,6 +293,124 @@ def test_dense_on_sequences_lowers_fused_with_gluonq_integers(exact):
             np.testing.assert_array_equal(got.reshape(want.shape), want)
 
 
+class _ResidualDense(gluon.HybridBlock):
+    """``x + Dense(x)`` on sequences, float out (the converter fuses the add into the
+    dense layer, which then reads the int8 ``x`` as its residual)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        with self.name_scope():
+            self.fc = nn.Dense(12, flatten=False, in_units=12)
+
+    def hybrid_forward(self, F, x):
+        return x + self.fc(x)
+
+
+@pytest.mark.onednn
+def test_dense_with_residual_and_float_output_fuses_and_adds_in_float32():
+    """The fused kernel's float output plus the dequantized residual: the numpy model's
+    ``acc / (inv_in inv_w) + q_r / inv_r`` within float32 rounding (the kernel scales
+    with a multiplication). Without VNNI, ``exact=True`` keeps gluonq's reference dense."""
+    x = np.random.RandomState(2).normal(0, 1, (6, 5, 12)).astype(np.float32)
+    net = _ResidualDense()
+    net.initialize(mx.init.Xavier())
+    qnet = gluonq.quantize_net(net, x, progress=False)
+    step, = [s for s in qnet.spec['steps'] if s['block'] == 'QuantizedDense']
+    assert len(step['inputs']) == 2
+    low = L.lower(qnet, exact=True)
+    how = {r['step']: r for r in low.report}[step['name']]
+    assert (how['lowering'], how['reason']) == (
+        ('fused', 'float output, the residual added in float32') if VNNI else
+        ('reference', how['reason']))
+    args, aux = low.arg_aux()
+    args['data'] = mx.nd.array(x)
+    got = low.symbol.bind(mx.cpu(), args=args, aux_states=aux,
+                          grad_req='null').forward()[0].asnumpy()
+    env = qnet.forward_all(mx.nd.array(x))
+    blk = qnet._children[step['name']]
+    qx = env[step['inputs'][0]]
+    qr = env[step['inputs'][1]]
+    acc = R.dense_int(qx.data.asnumpy(), blk.weight.data().asnumpy(), flatten=False) + \
+        blk.bias.data().asnumpy().astype(np.int64)
+    inv_w = (np.float32(127.5) / (blk.weight_scale.data().asnumpy() *
+                                  np.float32(127.5)).astype(np.float32))
+    inv_in = R.inv_scale(blk._in_q.dtype, blk._in_q.max)
+    if isinstance(qr, gluonq.nn.QTensor):
+        rq = qr.data.asnumpy()
+        r_real = (rq.astype(np.float32) /
+                  R.inv_scale(str(rq.dtype), float(qr.max.asnumpy()[0]))).astype(np.float32)
+    else:
+        r_real = qr.asnumpy()
+    want = (acc.astype(np.float32) / (inv_in * inv_w).astype(np.float32)).astype(
+        np.float32) + r_real
+    ref = qnet(mx.nd.array(x)).asnumpy()
+    np.testing.assert_allclose(ref, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def _bench_encoder(**kw):
+    """The BERT-like encoder of benchmarks/bench_transformer.py (its own recipe)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        'benchmarks', 'bench_transformer.py')
+    spec = importlib.util.spec_from_file_location('bench_transformer', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build_encoder(**kw)
+
+
+@pytest.mark.onednn
+def test_encoder_fast_path_keeps_gluonq_integers_without_casts_back_and_forth():
+    """The BERT-like encoder of the benchmark, lowered with ``exact=True``: both matmuls of
+    each layer as float32 products of the integers ("float-ops"), every dense fused (VNNI).
+    Every int8 tensor up to the first fused float output (the attention of layer 0: q/k/v,
+    the heads' shape ops, both products, the quantized softmax) is gluonq's exactly; after
+    it, float32 rounding of the fused kernels may move a value at a rounding tie by one step
+    (none measured here); without VNNI every tensor is exact (reference dense). The shape
+    operators run on float32 images of the integers and hand them on: no Cast of a Cast."""
+    mx.random.seed(0)
+    net = _bench_encoder(hidden=32, layers=2, heads=4, ffn=64)
+    net.initialize(mx.init.Xavier())
+    rng = np.random.RandomState(0)
+    calib = rng.normal(0, 1, (16, 12, 32)).astype(np.float32)
+    x = rng.normal(0, 1, (3, 12, 32)).astype(np.float32)
+    qnet = gluonq.quantize_net(net, calib, progress=False)
+    low = L.lower(qnet, exact=True)
+    how = {r['step']: r['lowering'] for r in low.report}
+    kinds = {s['name']: s['block'] for s in qnet.spec['steps']}
+    assert [how[n] for n, b in kinds.items() if b == 'QuantizedMatMul'] == ['float-ops'] * 4
+    assert [how[n] for n, b in kinds.items() if b == 'QuantizedDense'] == \
+        ['fused' if VNNI else 'reference'] * 8
+    env = qnet.forward_all(mx.nd.array(x))
+    ints = [k for k in low.tensors if isinstance(env.get(k), gluonq.nn.QTensor)]
+    assert len(ints) >= 30
+    sym = low.internal(ints)
+    args, aux = low.arg_aux()
+    args['data'] = mx.nd.array(x)
+    outs = sym.bind(mx.cpu(), args=args, aux_states=aux, grad_req='null').forward()
+    first_float = next(s['outputs'][0] for s in qnet.spec['steps']
+                       if s['block'] == 'QuantizedDense' and
+                       s['config']['out_dtype'] == 'float32')
+    order = {k: i for i, s in enumerate(qnet.spec['steps']) for k in s['outputs']}
+    upstream = [k for k in ints if order.get(k, -1) < order[first_float]]
+    assert any(kinds.get(s['name']) == 'QuantizedMatMul' for s in qnet.spec['steps']
+               if s['outputs'][0] in upstream)
+    for k, o in zip(ints, outs):
+        want = env[k].data.asnumpy()
+        if k in upstream or not VNNI:
+            np.testing.assert_array_equal(o.asnumpy(), want, err_msg=k)
+        else:
+            assert np.abs(o.asnumpy().astype(np.int64) - want).max() <= 1, k
+    nodes = json.loads(low.symbol.tojson())['nodes']
+    for n in nodes:
+        if n['op'] == 'Cast':
+            assert nodes[n['inputs'][0][0]]['op'] != 'Cast', n['name']
+        if n['op'] in ('SliceChannel', '_linalg_gemm2'):
+            assert all(nodes[i[0]]['op'] != 'Cast' or nodes[i[0]]['attrs']['dtype'] ==
+                       'float32' for i in n['inputs']), n['name']
+
+
 # ---------------------------------------------------------------------------------------
 # dynamic quantization
 # ---------------------------------------------------------------------------------------

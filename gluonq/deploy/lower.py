@@ -10,7 +10,15 @@ gluonq:
   ``quantized=true``: int8 in, int8/uint8 out with the requantize, ReLU (functional ``F.relu``
   and ``clip(0, a)`` included, as gluonq's converter fuses them) and the residual sum fused
   into the kernel; the classifier returns float32 directly (``enable_float_output``);
-* pooling, flatten, ReLU on int8, concat and add -> MXNet's int8 operators;
+* a dense layer with float output and a residual -> the fused kernel's float output plus
+  the residual in float32 (gluonq adds it to the float result the same way);
+* ``QuantizedMatMul`` (MXNet has no int8 product of two tensors) -> float32
+  ``linalg_gemm2`` of the integers, cut along K so that every partial sum stays below
+  2**24 (exact), then ``acc / inv`` or one ``quantize_v2`` whose scale is gluonq's
+  requantize multiplier ("float-ops");
+* pooling, flatten, ReLU on int8, concat and add -> MXNet's int8 operators; reshape,
+  transpose and split (which MXNet moves slowly on 8-bit data) run on float32 images of the
+  integers and hand them on to float readers (a matmul, the next shape op) uncast;
 * float steps (``FloatOp``, ``Dequantize``) stay float.
 
 Tensors stay int8/uint8 between layers (no dequantize -> quantize pairs); every range is a
@@ -46,7 +54,7 @@ and why:
   channel g to all of group g), all-zero weight channels, per-tensor weights where a channel
   has no +-127, a weight channel without an exact fp32 image (``quant._fused_exact_scales``
   misses the scales at float32 binade edges) -> int32;
-* 1-d/3-d convolutions, dynamic ranges, dense with a residual add
+* 1-d/3-d convolutions, dynamic ranges, dense with a residual add and int8 output
   (``_sg_mkldnn_fully_connected`` has no fused sum) -> reference. A dense layer on
   sequences (``flatten=False``) fuses like any other: the kernel works on the (rows,
   features) view and gives the same integers (tests/test_transformer.py).
@@ -300,8 +308,8 @@ _NO_VNNI = ("this CPU has no VNNI: oneDNN's int8 kernels saturate pairs of u8*s8
             'int16 (see int8_kernels_exact)')
 _NO_INT8_MATMUL = ("MXNet 1.9.1 has no int8 product of two tensors (its only ones, "
                    '_sg_mkldnn_selfatt_qk/valatt, take one interleaved q/k/v tensor from '
-                   "subgraph partitioning): gluonq's exact chain, float32 products of the "
-                   'integers in chunks below 2**24')
+                   'subgraph partitioning): %d float32 product(s) of the integers, each with '
+                   'partial sums below 2**24, and the epilogue as float32 operators')
 
 
 #: shape operators MXNet 1.9.1 runs about 15x slower on 8-bit than on float32 data (transpose
@@ -387,8 +395,8 @@ def _as_int(t):
 
 
 def _as_float(t):
-    """:func:`_as_int` as float32."""
-    return mx.sym.Cast(_as_int(t), dtype='float32')
+    """:func:`_as_int` as float32 (``t.fimg`` where the graph has it already)."""
+    return t.fimg if t.fimg is not None else mx.sym.Cast(_as_int(t), dtype='float32')
 
 
 def _var(name):
@@ -419,9 +427,12 @@ class _T:
     ``mxdt`` differs from ``dtype`` for a ReLU'd int8 output of a fused residual layer,
     which MXNet types uint8 (values 0..127 either way). An affine uint8 tensor has zero
     point ``zp`` > 0, ``M`` its span (max - min) and ``bounds`` its gluonq range: the fused
-    kernels read its integers as plain uint8 at the same scale.
+    kernels read its integers as plain uint8 at the same scale. ``fimg``: a float32 symbol
+    of the same integers where one is at hand (the output of a shape operator run on float32),
+    read by float operators instead of a cast of ``data``.
     """
-    __slots__ = ('data', 'dtype', 'mxdt', 'M', 'inv', 'R', 'mx', 'gq', 'key', 'zp', 'bounds')
+    __slots__ = ('data', 'dtype', 'mxdt', 'M', 'inv', 'R', 'mx', 'gq', 'key', 'zp', 'bounds',
+                 'fimg')
 
     def __init__(self, key, data, dtype, M, R=None, mx_rng=None, gq_rng=None, mxdt=None,
                  zp=0, bounds=None):
@@ -439,6 +450,7 @@ class _T:
         self.R = None if R is None else f32(R)
         self.mx = mx_rng
         self.gq = gq_rng
+        self.fimg = None
 
     @property
     def static(self):
@@ -471,10 +483,11 @@ class LoweredNet:
         Every argument / auxiliary state of ``symbol`` except the inputs.
     report : list of dict
         Per step: ``step``, ``block``, ``lowering`` ('fused', 'int32', 'split',
-        'mxnet-op', 'reference', 'float') and ``reason``.
+        'mxnet-op', 'float-ops', 'reference', 'float') and ``reason``.
     tensors : dict
         gluonq tensor key -> name of the symbol output holding it (int8 tensors: the data
-        output, see :meth:`internal`).
+        output, or the float32 image of the integers where the graph holds only that; see
+        :meth:`internal`).
     """
 
     def __init__(self, symbol, params, input_names, report, tensors):
@@ -703,11 +716,11 @@ class _Context:
     def record_tensor_names(self, sym):
         names = set(sym.get_internals().list_outputs())
         for key, v in self.env.items():
-            s = v.data if isinstance(v, _T) else v
-            if isinstance(s, mx.sym.Symbol) and len(s.list_outputs()) == 1:
-                nm = s.list_outputs()[0]
-                if nm in names:
-                    self.tensors[key] = nm
+            for s in ((v.data, v.fimg) if isinstance(v, _T) else (v,)):
+                if isinstance(s, mx.sym.Symbol) and len(s.list_outputs()) == 1 and \
+                        s.list_outputs()[0] in names:
+                    self.tensors[key] = s.list_outputs()[0]
+                    break
 
     def cast_int_params(self, sym):
         """Integer block parameters -> float32 variables + ``Cast`` in the graph.
@@ -811,7 +824,72 @@ def _conv_1d_3d(ctx, step, block):
 
 @handles('QuantizedMatMul')
 def _matmul(ctx, step, block):
-    _reference(ctx, step, block, 'reference', _NO_INT8_MATMUL)
+    """The integers' product as float32 ``linalg_gemm2``s of the operands' float images,
+    cut along K so that every partial sum stays below 2**24 (exact, as
+    :func:`gluonq.quant.matmul_int_f` with a known K), then gluonq's epilogue: ``acc / inv``
+    (float output) or one ``quantize_v2`` (int8 output) whose scale is the requantize
+    multiplier ``m`` -- ``saturate(rne(f32(acc * m)))``, gluonq's requantize -- or, where no
+    MXNet range gives ``m``, ``acc * m`` and a ``quantize_v2`` at scale 1 ("float-ops").
+    gluonq's block where a range is dynamic or K is unknown ("reference")."""
+    ops = [_matmul_operand(ctx, step, block, x, w) for x, w in zip(ctx.inputs_of(step), 'ab')]
+    why = None
+    if block._k is None:
+        why = 'contraction size unknown'
+    elif any(o is None for o in ops):
+        why = 'dynamic or affine operand'
+    elif block.out_dtype != 'float32' and block._out_q is None:
+        why = 'dynamic output range'
+    if why:
+        return _reference(ctx, step, block, 'reference', why)
+    (a, inv_a), (b, inv_b) = ops
+    ta, tb = block._transpose
+    chunk = (quant.FLOAT32_EXACT - 1) // quant.matmul_bound(1, *block.in_dtypes)
+    cuts = [(c, min(c + chunk, block._k)) for c in range(0, block._k, chunk)]
+    prods = [mx.sym.linalg.gemm2(
+        mx.sym.slice_axis(a, axis=-2 if ta else -1, begin=c0, end=c1),
+        mx.sym.slice_axis(b, axis=-1 if tb else -2, begin=c0, end=c1),
+        transpose_a=ta, transpose_b=tb) for c0, c1 in cuts] if len(cuts) > 1 else \
+        [mx.sym.linalg.gemm2(a, b, transpose_a=ta, transpose_b=tb)]
+    acc = prods[0] if len(prods) == 1 else mx.sym.Cast(
+        mx.sym.add_n(*[mx.sym.Cast(p, dtype='int32') for p in prods]), dtype='float32')
+    invs = [inv_a, inv_b] + ([f32(1.0 / block.alpha)] if block.alpha != 1.0 else [])
+    name = ctx.unique(step['name'])
+    if block.out_dtype == 'float32':
+        inv = invs[0]
+        for f in invs[1:]:
+            inv = f32(inv * f)
+        ctx.set_out(step, acc / float(inv))
+    else:
+        dt = block.out_dtype
+        out = _T(step['outputs'][0], None, dt, block._out_q.max)
+        m = out.inv
+        for f in invs:
+            m = f32(m / f)
+        R, exact = mx_range(m, dt)
+        if not exact:
+            acc, R = acc * float(m), MX_QRANGE[dt]
+        out.data = mx.sym.contrib.quantize_v2(
+            acc, out_type=dt, min_calib_range=0.0 if dt == 'uint8' else _rng_attr(-R),
+            max_calib_range=_rng_attr(R), name=name)[0]
+        ctx.mx_rng(out)
+        ctx.set_out(step, out)
+    ctx.note(step, 'float-ops', _NO_INT8_MATMUL % len(prods))
+
+
+def _matmul_operand(ctx, step, block, x, which):
+    """``(float32 image of the integers, inverse scale)`` of operand ``which`` ('a'/'b') of
+    a QuantizedMatMul: a static int8 tensor of the graph, or a float one quantized here with
+    the block's calibrated range; None for a dynamic or affine operand."""
+    dtype = block.in_dtypes['ab'.index(which)]
+    if isinstance(x, _T):
+        ok = x.static and not x.zp and x.dtype == dtype
+        return (_as_float(x), x.inv) if ok else None
+    qp = block._in_q.get(which)
+    if qp is None or qp.is_affine:
+        return None
+    t = ctx.quantize_as(x, '%s_%s' % (step['name'], which), qp,
+                        ctx.unique('%s_quantize_%s' % (step['name'], which)))
+    return _as_float(t), t.inv
 
 
 @handles('Quantize')
@@ -885,12 +963,19 @@ def _shape_op(ctx, step, block):
     ctx.unique(step['name'])
     lo, hi = ctx.mx_rng(x)
     slow = block._op in _SLOW_INT8_SHAPE_OPS
-    r = block.apply(mx.sym, _as_float(x) if slow else x.data)
-    parts = [r[i] for i in range(block.num_outputs)] if block.num_outputs > 1 else [r]
-    if slow:
-        parts = [mx.sym.Cast(p, dtype=x.mxdt) for p in parts]
+
+    def apply(v):
+        r = block.apply(mx.sym, v)
+        return [r[i] for i in range(block.num_outputs)] if block.num_outputs > 1 else [r]
+
+    # slow ops (and any op on a tensor that has a float image) also give a float image, so
+    # that a float reader (QuantizedMatMul, the next slow op) needs no cast back and forth
+    fimgs = apply(_as_float(x)) if slow or x.fimg is not None else [None] * block.num_outputs
+    parts = [mx.sym.Cast(f, dtype=x.mxdt) for f in fimgs] if slow else apply(x.data)
     # a split: every part keeps the input's range
     outs = [x.like(k, p, (lo, hi)) for k, p in zip(step['outputs'], parts)]
+    for t, f in zip(outs, fimgs):
+        t.fimg = f
     ctx.set_out(step, outs if len(outs) > 1 else outs[0])
     ctx.note(step, 'mxnet-op', 'on the float32 image of the integers (MXNet moves 8-bit '
              'elements slowly)' if slow else '')
@@ -1010,10 +1095,13 @@ def _layer(ctx, step, block):
         return ctx.note(step, 'fused', why, scale_err=err if err > 1e-6 else 0.0)
     if mode == 'float':
         y = fused if len(fused.list_outputs()) == 1 else fused[0]
-        if block._act_type not in (None, 'relu'):
+        if residual is not None:
+            y = _plus_residual(ctx, y, residual)
+        if block._act_type not in (None, 'relu') or (residual is not None and block._act_type):
             y = mx.sym.Activation(y, act_type=block._act_type)
         ctx.set_out(step, y)
-        return ctx.note(step, 'fused', 'float output')
+        return ctx.note(step, 'fused', 'float output' if residual is None else
+                        'float output, the residual added in float32')
     acc = ctx.add_int32_bias(fused[0], name, None if bimg is not None else b_q)
     ctx.set_out(step, _epilogue(ctx, step, block, acc, x, residual, s_w, name))
     ctx.note(step, 'int32', why)
@@ -1083,7 +1171,10 @@ def _layer_mode(block, is_conv, residual, q):
     # MXNet types a fused output uint8 exactly when a ReLU is fused
     out_mxdt = 'uint8' if (act == 'relu' or out_dt == 'uint8') else 'int8'
     if out_dt == 'float32':
-        mode = 'float' if (not is_conv and residual is None) else 'int32'
+        # a dense layer's residual is added after the kernel (as gluonq adds it to the float
+        # result); a convolution with float output returns int32 (no fused float output)
+        fuses = not is_conv and not getattr(residual, 'zp', 0)
+        mode = 'float' if fuses else 'int32'
         why = 'float output' if mode == 'int32' else ''
     elif residual is not None:
         if not is_conv:
@@ -1170,7 +1261,9 @@ def _fused_layer(ctx, block, name, is_conv, mode, x, residual, q, img, bimg, out
         lattrs.update(num_hidden=str(C), flatten=str(bool(block._flatten)))
         sub.append({'op': 'FullyConnected', 'name': name + '_fc', 'attrs': lattrs,
                     'inputs': [[i, 0, 0] for i in range(len(sub))]})
-    relu = mode in ('requant', 'float') and (act == 'relu' or out_dt == 'uint8')
+    # a float output's ReLU comes after its residual (added outside the kernel)
+    relu = (mode == 'requant' or (mode == 'float' and residual is None)) and \
+        (act == 'relu' or out_dt == 'uint8')
     with_sum = mode == 'requant' and residual is not None
 
     def add_relu():
@@ -1257,10 +1350,7 @@ def _epilogue(ctx, step, block, acc, x, residual, s_w, name):
         y = mx.sym.broadcast_div(accf, mx.sym.reshape(ctx.const(name + '_inv', inv),
                                                       (1, -1, 1, 1)))
         if residual is not None:
-            r = residual
-            if isinstance(r, _T):
-                r = quant.dequantize_f(mx.sym, QTensor(_as_float(r), *ctx.gq_rng(r)))
-            y = mx.sym.broadcast_add(y, r)
+            y = _plus_residual(ctx, y, residual)
         if block._act_type:
             y = mx.sym.Activation(y, act_type=block._act_type)
         return y
@@ -1287,6 +1377,15 @@ def _epilogue(ctx, step, block, acc, x, residual, s_w, name):
     out.R = mx_range(out.inv, out.mxdt)[0]
     out.data = mx.sym.Cast(y, dtype=out.mxdt)
     return out
+
+
+def _plus_residual(ctx, y, residual):
+    """``y + residual`` in float32, an int8 residual dequantized as gluonq's float epilogue
+    does: ``float32(q) / inv`` (a scalar operator: the same float32 division)."""
+    r = residual
+    if isinstance(r, _T):
+        r = _as_float(r) / float(r.inv)
+    return mx.sym.broadcast_add(y, r)
 
 
 def _output_ranges(out, x, residual, limit=6):
