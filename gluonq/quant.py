@@ -151,17 +151,23 @@ def zero_point_np(lo, hi):
 def _affine_range(lo, hi):
     """float32 ``(lo, hi)`` of an affine uint8 range covering [lo, hi] (lo < 0 <= hi).
 
-    The span ``hi - lo`` is snapped like a symmetric range (:func:`snap_range_max`), so that
-    MXNet's fused kernels take the same inverse scale; ``lo`` becomes ``-z / inv`` for the
-    integer zero point ``z`` and ``hi`` is chosen so that ``float32(hi - lo)`` is the span
+    The zero point is ``z = floor(-lo * 255 / (hi - lo))`` and the scale ``-lo / z``, so that
+    ``lo`` itself is an integer step (the minimum is often where many values sit: a
+    normalized image's background, the flat end of hardswish or GELU) and ``hi`` stays
+    covered. The span ``255 * scale`` is snapped like a symmetric range
+    (:func:`snap_range_max`), so that MXNet's fused kernels take the same inverse scale;
+    ``lo`` becomes ``-z / inv`` and ``hi`` is chosen so that ``float32(hi - lo)`` is the span
     exactly. Re-deriving from the result gives the same values (the spec round-trips).
-    Returns None when ``z`` rounds to 0 (a plain uint8 range then).
+    Returns None when ``z`` would be 0 (a plain uint8 range then).
     """
-    span = np.float32(snap_range_max(max(float(hi) - float(lo), EPS_RANGE), 'uint8'))
-    inv = np.float32(np.float32(QRANGE['uint8']) / span)
-    z = int(np.clip(np.rint(np.float32(np.float32(-lo) * inv)), 0, 255))
-    if z == 0:
+    lo, hi = float(lo), float(hi)
+    if _is_affine_range(lo, hi):
+        return lo, hi
+    z = int(min(np.floor(-lo * QRANGE['uint8'] / max(hi - lo, EPS_RANGE) * (1 + 1e-9)), 255))
+    if z <= 0:
         return None
+    span = np.float32(snap_range_max(-lo * QRANGE['uint8'] / z, 'uint8'))
+    inv = np.float32(np.float32(QRANGE['uint8']) / span)
     if z == 255:
         return -float(span), 0.0
     lo0 = np.float32(-np.float32(np.float32(z) / inv))
@@ -174,6 +180,24 @@ def _affine_range(lo, hi):
             if np.float32(hi32 - lo32) == span and zero_point_np(lo32, hi32) == z:
                 return float(lo32), float(hi32)
     raise ArithmeticError('no float32 affine range for [%r, %r]' % (lo, hi))
+
+
+def _is_affine_range(lo, hi):
+    """Is [lo, hi] already a range :func:`_affine_range` gives (float32 bounds, snapped
+    span, ``lo`` within 32 ulps of ``-z / inv``)?"""
+    lo32, hi32 = np.float32(lo), np.float32(hi)
+    if float(lo32) != lo or float(hi32) != hi or not lo < 0 <= hi:
+        return False
+    span = np.float32(hi32 - lo32)
+    if float(span) != snap_range_max(float(span), 'uint8'):
+        return False
+    z = zero_point_np(lo32, hi32)
+    if z == 255:
+        return hi == 0.0 and lo32 == -span
+    inv = np.float32(np.float32(QRANGE['uint8']) / span)
+    lo0 = np.float32(-np.float32(np.float32(z) / inv))
+    dist = abs(int(np.array([lo32]).view(np.int32)[0]) - int(np.array([lo0]).view(np.int32)[0]))
+    return 0 < z and dist <= 32
 
 
 class QParams:

@@ -56,10 +56,10 @@ residual=None, residual_qp=None, geometry=None, flatten=True)`` -> float32 array
 ``affine_layer(kind, w, b, x, in_range, per_channel, geometry, flatten)``: a layer whose
 input is affine uint8 (float output)
 
-Affine uint8 (README "The arithmetic"): a range [lo, hi] with lo < 0 has the span
-``hi - lo`` snapped like a uint8 magnitude, ``inv = f32(255 / span)``, the zero point
-``z = round_half_even(f32(-lo * inv))`` in [0, 255], and ``q = clip(rne(f32(x * inv)), -z,
-255 - z) + z``. A layer computes ``acc = sum(q_w * (q_x - z)) + q_b`` with padding by ``z``
+Affine uint8 (README "The arithmetic"): a range [lo, hi] with lo < 0 has the zero point
+``z = floor(-lo * 255 / (hi - lo))`` in [1, 255] and the span ``-lo * 255 / z`` (so that lo
+is a whole step), snapped like a uint8 magnitude; ``inv = f32(255 / span)`` and
+``q = clip(rne(f32(x * inv)), -z, 255 - z) + z``. A layer computes ``acc = sum(q_w * (q_x - z)) + q_b`` with padding by ``z``
 (a real 0), ``q_b`` at ``s_x = f32(span / 255)``, saturated with twice the uint8 headroom.
 """
 import numpy as np
@@ -553,11 +553,21 @@ def _float_conv(x, w, g):
 
 # -- affine uint8 inputs ----------------------------------------------------------------------
 def affine_qparams(lo, hi):
-    """``(inv, z)`` of the affine uint8 range [lo, hi] (lo < 0), by the documented rule."""
-    span = snap_max(float(hi) - float(lo), 'uint8')
-    inv = _f32(_f32(255) / _f32(span))
-    z = int(np.clip(np.rint(np.float64(_f32(_f32(-lo) * inv))), 0, 255))
+    """``(inv, z)`` of the affine uint8 range [lo, hi] (lo < 0), by the documented rule:
+    ``z = floor(-lo * 255 / (hi - lo))`` (0 if that is 0: plain uint8), the span
+    ``-lo * 255 / z`` snapped as a uint8 magnitude, ``inv = f32(255 / span)``."""
+    lo, hi = float(lo), float(hi)
+    z = int(min(np.floor(-lo * 255 / (hi - lo) * (1 + 1e-9)), 255))
+    if z <= 0:
+        return None, 0
+    inv = _f32(_f32(255) / _f32(snap_max(-lo * 255 / z, 'uint8')))
     return inv, z
+
+
+def affine_span(lo, hi):
+    """The snapped span ``255 / inv`` of :func:`affine_qparams` (float32)."""
+    z = affine_qparams(lo, hi)[1]
+    return _f32(snap_max(-float(lo) * 255 / z, 'uint8'))
 
 
 def affine_quantize(x, inv, z):
@@ -574,8 +584,7 @@ def affine_layer(kind, w, b, x, in_range, per_channel=True, geometry=None, flatt
     inv, z = affine_qparams(*in_range)
     qx = affine_quantize(x, inv, z).astype(np.int64)
     qw, s_w = weight_q(w, per_channel)
-    span = snap_max(float(in_range[1]) - float(in_range[0]), 'uint8')
-    s_x = _f32(np.float64(_f32(span)) / 255)
+    s_x = _f32(np.float64(affine_span(*in_range)) / 255)
     if kind == 'dense':
         acc = dense_int(qx - z, qw, flatten)
         shape = (1, -1) if flatten else (-1,)
