@@ -67,6 +67,9 @@ def _parser():
     cal.add_argument('--exclude', nargs='+', default=[], metavar='PATTERN',
                      help='layer names or glob patterns that stay float')
     cal.add_argument('--batch-size', type=int, default=32)
+    cal.add_argument('--weight-rounding', default='nearest', choices=['nearest', 'adaround'],
+                     help="'adaround': learn each weight's rounding direction per layer on "
+                     'the calibration data (slower; see gluonq.convert.adaround)')
     ev = p.add_argument_group('evaluation (optional)')
     ev.add_argument('--eval', help='.npz with inputs and labels for fp32 vs int8 accuracy')
     ev.add_argument('--eval-key', help='input array name in --eval (default: first)')
@@ -371,7 +374,8 @@ def run(args):
                                    num_calib_examples=args.num_calib_examples,
                                    per_channel=not args.per_tensor, act_dtype=args.act_dtype,
                                    exclude=args.exclude, batch_size=args.batch_size,
-                                   calib_options=opts, progress=not args.quiet)
+                                   calib_options=opts, progress=not args.quiet,
+                                   weight_rounding=args.weight_rounding)
     except CalibrationDataError as err:
         raise CliError('--calib %s: %s' % (args.calib, err)) from None
     except ValueError as err:               # a setting the network rejects (--exclude, ...)
