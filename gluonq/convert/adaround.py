@@ -28,9 +28,10 @@ from ``s_in`` and ``s_w``; only for an input with a zero point is the stored bia
 result is ordinary int8 weights, so the reference chain, the fast path and every export run
 it unchanged.
 
-The time per layer is ``iters`` steps of two products of a ``(rows, fan_in)`` matrix with the
-``(fan_in, channels)`` weights, or of the ``(fan_in, fan_in)`` Gram matrix where that is
-smaller (few inputs per channel, as in depthwise convolutions).
+The time per layer is ``iters`` steps, each two products of :data:`BATCH_ROWS` random rows
+``(batch, fan_in)`` with the ``(fan_in, channels)`` weights (AdaRound's mini-batches), or one
+product with the exact ``(fan_in, fan_in)`` Gram matrix of all rows where that is cheaper
+(fewer than ``2 * batch`` inputs per channel, as in depthwise convolutions).
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ import numpy as np
 from .. import quant
 from .replay import LAYER_BLOCKS, bias_scale, int32_bias, real_input, replay, subset
 
-__all__ = ['adaround', 'NUM_EXAMPLES', 'ITERS', 'MAX_ROWS', 'LAM', 'LR', 'WARMUP']
+__all__ = ['adaround', 'round_layer', 'NUM_EXAMPLES', 'ITERS', 'MAX_ROWS', 'BATCH_ROWS',
+           'LAM', 'LR', 'WARMUP']
 
 #: calibration examples the rows are sampled from
 NUM_EXAMPLES = 128
@@ -51,6 +53,9 @@ NUM_EXAMPLES = 128
 ITERS = 300
 #: output positions (rows) sampled per layer
 MAX_ROWS = 2048
+#: rows per step for the gradient of a layer with many inputs per channel (AdaRound's
+#: mini-batches; the paper draws 32 images' positions per step)
+BATCH_ROWS = 256
 #: weight of the rounding regularizer against the normalized output MSE
 LAM = 10.0
 #: Adam's step size on V
@@ -113,13 +118,15 @@ def _rows(step, inputs, max_rows, rng):
 
 class _Objective:
     """The output MSE of a layer, ``mean((x dW^T + db)^2)`` over rows and channels
-    (float64), and its gradient in ``dW`` (``(groups, channels / groups, fan_in)``, float32)
-    from the rows or from their Gram matrix, whichever is cheaper per step."""
+    (float64), and its gradient in ``dW`` (``(groups, channels / groups, fan_in)``,
+    float32): exact from the rows' Gram matrix where ``fan_in < 2 * batch`` (few inputs per
+    channel), else from ``batch`` rows drawn at random for each step (the rows themselves
+    when there are no more), whichever is cheaper."""
 
-    def __init__(self, rows, db):
-        self.rows, self.db = rows, db                           # db: (groups, channels / g)
+    def __init__(self, rows, db, batch, rng):
+        self.rows, self.db, self.batch, self.rng = rows, db, batch, rng  # db: (g, channels/g)
         g, n, k = rows.shape
-        self.gram = k < 2 * n
+        self.gram = k < 2 * min(batch, n)
         if self.gram:
             self.h = np.matmul(rows.transpose(0, 2, 1), rows) / n
             self.mu = rows.mean(axis=1)                         # (groups, fan_in)
@@ -133,8 +140,11 @@ class _Objective:
         if self.gram:
             g = np.matmul(dw, self.h) + self.db[..., None] * self.mu[:, None]
         else:
-            r = np.matmul(self.rows, dw.transpose(0, 2, 1)) + self.db[:, None]
-            g = np.matmul(r.transpose(0, 2, 1), self.rows) / self.rows.shape[1]
+            x = self.rows
+            if x.shape[1] > self.batch:
+                x = x[:, self.rng.choice(x.shape[1], self.batch, replace=False)]
+            r = np.matmul(x, dw.transpose(0, 2, 1)) + self.db[:, None]
+            g = np.matmul(r.transpose(0, 2, 1), x) / x.shape[1]
         return 2 * g / self.db.size
 
 
@@ -150,7 +160,7 @@ def _adam(v, grad_fn, iters, lr):
     return v
 
 
-def round_layer(w, q0, scale, rows, db, iters=ITERS, lam=LAM, lr=LR):
+def round_layer(w, q0, scale, rows, db, rng, iters=ITERS, batch=BATCH_ROWS, lam=LAM, lr=LR):
     """AdaRound integers of one layer (see the module docstring).
 
     Parameters
@@ -165,6 +175,10 @@ def round_layer(w, q0, scale, rows, db, iters=ITERS, lam=LAM, lr=LR):
         ``(groups, rows, fan_in)`` real inputs.
     db : ndarray
         ``(channels,)`` int8 bias minus float bias, in real units.
+    rng : numpy.random.RandomState
+        Draws the mini-batches.
+    iters, batch, lam, lr : optional
+        Adam steps, rows per step, regularizer weight and step size.
 
     Returns
     -------
@@ -182,7 +196,7 @@ def round_layer(w, q0, scale, rows, db, iters=ITERS, lam=LAM, lr=LR):
     q0c = q0.reshape(c, -1).astype(np.float64)
     free = (np.abs(q0c) < 127) & (ratio != low)   # kept: the +-127 elements, exact integers
     shape = (g, c // g, -1)
-    objective = _Objective(rows, db.reshape(g, -1))
+    objective = _Objective(rows, db.reshape(g, -1), batch, rng)
 
     def delta(q):
         return (s * q - wc).reshape(shape)
@@ -262,7 +276,7 @@ def adaround(qnet, values, batches, iters=ITERS, max_rows=MAX_ROWS, seed=0):
             b_f = np.zeros(c) if vals['bias'] is None else np.asarray(vals['bias'], np.float64)
             db = b_q * bias_scale(step, block) - b_f
         q, (mse0, mse) = round_layer(w, q0, block.weight_scale.data().asnumpy(), rows, db,
-                                     iters)
+                                     rng, iters)
         if q is not q0:
             block.weight.set_data(mx.nd.array(q, dtype=np.int8))
             if b_q is not None:      # the same int32 bias, re-folded with the new q_w
