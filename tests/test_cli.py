@@ -418,6 +418,20 @@ def test_weight_granularity_act_dtype_exclude_and_limits(tiny_ckpt, tmp_path):
     assert (b['calibration']['num_examples'], b['calibration']['per_channel']) == (64, True)
 
 
+def _assert_covers_exactly(qp, x):
+    """A naive (min/max) range of data ``x``: symmetric, ``max == max|x|``; affine (the
+    default for a lopsided input), ``min == min(x)`` exactly (a whole step) and ``max`` at
+    or above ``max(x)``, the span at most ``1 + 1/z`` times ``max(x) - min(x)``."""
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if qp.get('scheme') != 'affine':
+        assert qp['max'] == pytest.approx(float(np.abs(x).max()), rel=1e-5)
+        return
+    z = int(np.floor(-lo * 255 / (hi - lo) * (1 + 1e-9)))
+    assert qp['min'] == pytest.approx(lo, rel=1e-5)
+    assert qp['max'] >= hi * (1 - 1e-6)
+    assert qp['max'] - qp['min'] <= (hi - lo) * (1 + 1.0 / z) * (1 + 1e-5)
+
+
 def test_calib_mode_is_recorded_and_changes_the_ranges(tiny_ckpt, tmp_path):
     sides = {}
     for mode, extra in (('naive', []), ('percentile', ['--percentile', '99']),
@@ -430,8 +444,7 @@ def test_calib_mode_is_recorded_and_changes_the_ranges(tiny_ckpt, tmp_path):
     # naive is the min/max: every other mode's threshold lies inside it, and some below it
     x = np.load(str(tiny_ckpt / 'calib.npz'))['x']
     key = 'data' if 'data' in sides['naive']['qparams'] else sorted(sides['naive']['qparams'])[0]
-    assert sides['naive']['qparams'][key]['max'] == pytest.approx(float(np.abs(x).max()),
-                                                                   rel=1e-5)
+    _assert_covers_exactly(sides['naive']['qparams'][key], x)
     def ranges(mode):           # tensor -> max, without the per-instance name prefix
         return {re.sub(r'^tinynet\d+_', '', k): v['max']
                 for k, v in sides[mode]['qparams'].items()}
@@ -553,5 +566,4 @@ def test_images_reach_the_network_as_rgb_resized_and_normalized(tiny_ckpt, tmp_p
         np.testing.assert_allclose(x, np.broadcast_to(want[:, :, None, None], x.shape),
                                    rtol=1e-6)
         # the network's quantized input covers exactly these values
-        qp = _side(out)['qparams']['data']
-        assert qp['max'] == pytest.approx(float(np.abs(want).max()), rel=1e-5)
+        _assert_covers_exactly(_side(out)['qparams']['data'], want)

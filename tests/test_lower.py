@@ -162,13 +162,18 @@ def _np_layer(qnet, step, ins, vnni=True, low=None):
     else:
         k = block._kwargs
         halved = _halved(low, step) if not vnni and ins[0].dtype == np.int8 else None
-        acc = quant.onednn_conv_np(ins[0], p['weight'], k['stride'], k['pad'], k['dilate'],
+        x, pad = ins[0], k['pad']
+        if block.in_zero_point:         # an affine input comes padded with its zero point
+            x = np.pad(x, [(0, 0), (0, 0)] + [(q, q) for q in pad],
+                       constant_values=block.in_zero_point)
+            pad = (0,) * len(pad)
+        acc = quant.onednn_conv_np(x, p['weight'], k['stride'], pad, k['dilate'],
                                    k['num_group'], vnni, halved)
         shape = (1, -1, 1, 1)
     if 'bias' in p:
         acc = acc + p['bias'].astype(np.int64).reshape(shape)
     iq, oq = block._in_q, block._out_q
-    inv_in = quant.inv_scale_np(iq.min, iq.max, iq.dtype)
+    inv_in = iq.inv_scale
     inv_out = quant.inv_scale_np(oq.min, oq.max, oq.dtype)
     m = quant.requantize_multiplier_np(inv_out, inv_in, quant.weight_inv_scale_np(
         p['weight_scale'])).reshape(shape)
@@ -602,7 +607,10 @@ def test_graph_is_fused_int8_without_dequantize_quantize_pairs():
     assert sum('with_act' in n['attrs'] or 'with_postsum_act' in n['attrs']
                for n in convs) >= 15                 # F.relu fused
     assert any(n['attrs'].get('with_sum') == 'true' for n in convs)     # residual fused
-    assert ops.count('_contrib_quantize_v2') + ops.count('_contrib_quantize') == 1
+    # one quantize, of the input: an MXNet op, or float32 ops where the input is affine
+    affine_in = [r for r in low.report if r['reason'].startswith('affine: zero point')]
+    assert ops.count('_contrib_quantize_v2') + ops.count('_contrib_quantize') + \
+        len(affine_in) == 1
     assert '_contrib_dequantize' not in ops and '_contrib_requantize' not in ops
     fc = [n for n in js['nodes'] if n['op'] == '_sg_mkldnn_fully_connected']
     assert len(fc) == 1 and fc[0]['attrs'].get('enable_float_output') == 'True'

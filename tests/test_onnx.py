@@ -241,8 +241,14 @@ def _layer_exact_value(block, qx):
     accumulator and the block's own parameters and ranges (independent of ONNX)."""
     p = {k[len(block.params.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
     k = getattr(block, '_kwargs', None)
+    z = block.in_zero_point             # affine input: padding holds z (the bias -z sum w)
     if k is not None:                       # convolution: channels on axis 1
-        acc = quant.conv_int_np(qx, p['weight'], k['stride'], k['pad'], k['dilate'],
+        pad = k['pad']
+        if z:
+            qx = np.pad(qx.astype(np.int64), [(0, 0), (0, 0)] + [(q, q) for q in pad],
+                        constant_values=z)
+            pad = (0,) * len(pad)
+        acc = quant.conv_int_np(qx, p['weight'], k['stride'], pad, k['dilate'],
                                 k['num_group'])
         shape, units = (1, -1) + (1,) * (acc.ndim - 2), acc.shape[1]
     else:                                   # dense: units on the last axis
@@ -250,7 +256,7 @@ def _layer_exact_value(block, qx):
         shape, units = (-1,), acc.shape[-1]
     if 'bias' in p:
         acc = acc + p['bias'].astype(np.int64).reshape(shape)
-    inv_in = quant.inv_scale_np(block._in_q.min, block._in_q.max, block._in_q.dtype)
+    inv_in = block._in_q.inv_scale
     inv_w = quant.weight_inv_scale_np(p['weight_scale'])
     oq = block._out_q
     inv_out = quant.inv_scale_np(oq.min, oq.max, oq.dtype)
@@ -290,7 +296,11 @@ def test_model_structure_and_initializers(tiny):
         np.testing.assert_array_equal(w, block.weight.data().asnumpy())
         b = inits[step['name'] + '/bias']
         assert b.dtype == np.int32
-        np.testing.assert_array_equal(b, block.bias.data().asnumpy())
+        # ONNX subtracts an affine input's zero point itself: the bias without the folded
+        # term -z * sum(q_w) that gluonq's int32 bias holds
+        want = block.bias.data().asnumpy().astype(np.int64) + block.in_zero_point * \
+            block.weight.data().asnumpy().astype(np.int64).reshape(len(w), -1).sum(axis=1)
+        np.testing.assert_array_equal(b, want)
         s = inits[step['name'] + '/weight_scale']
         s_gq = block.weight_scale.data().asnumpy()
         assert s.dtype == np.float32 and s.shape == s_gq.shape
@@ -319,10 +329,10 @@ def test_ort_multiplier_equals_gluonq(tiny):
         s_y = inits[names[step['outputs'][0]] + '/scale']
         s_w = inits[step['name'] + '/weight_scale']
         ort_m = ((s_x * s_w).astype(np.float32) / s_y).astype(np.float32)
-        inv_in = quant.inv_scale_np(block._in_q.min, block._in_q.max, block._in_q.dtype)
         inv_out = quant.inv_scale_np(block._out_q.min, block._out_q.max, block._out_q.dtype)
-        m = quant.requantize_multiplier_np(inv_out, inv_in, quant.weight_inv_scale_np(
-            block.weight_scale.data().asnumpy()))
+        m = quant.requantize_multiplier_np(inv_out, block._in_q.inv_scale,
+                                           quant.weight_inv_scale_np(
+                                               block.weight_scale.data().asnumpy()))
         ulps = np.abs(ort_m.view(np.int32).astype(np.int64) - m.view(np.int32))
         assert ulps.max() <= 1
         exact += int((ulps == 0).sum())
@@ -457,7 +467,7 @@ def test_zoo_each_step_teacher_forced(zoo, data, tmp_path, calibrated, monkeypat
             continue
         if kind == 'Quantize':
             qp = block._qp
-            v = x.astype(np.float64) * float(quant.inv_scale_np(qp.min, qp.max, qp.dtype))
+            v = x.astype(np.float64) * float(qp.inv_scale)
             assert (np.abs(d) <= 1).all() and _near_tie(v[bad], 1e-5 * np.abs(v[bad]) +
                                                          1e-6).all(), name
             continue
