@@ -45,7 +45,8 @@ __all__ = ['QRANGE', 'QBOUNDS', 'QParams', 'EPS_RANGE', 'dtype_for_range', 'scal
            'scale_from_max', 'quantize_weight', 'quantize_bias', 'bias_headroom',
            'fold_zero_point', 'accumulator_bound',
            'inv_scale_f', 'affine_inv_scale_f', 'quantize_affine_f', 'dequantize_affine_f',
-           'affine_inv_scale_np', 'zero_point_np', 'SCHEMES', 'weight_inv_scale_f', 'requantize_multiplier_f', 'quantize_f',
+           'affine_inv_scale_np', 'zero_point_np', 'SCHEMES', 'weight_inv_scale_f',
+           'requantize_multiplier_f', 'quantize_f',
            'dynamic_range_f', 'dequantize_f', 'dequantize_acc_f', 'requantize_f',
            'bias_to_int32_f', 'round_half_even_f', 'split_operand_f', 'matmul_bound',
            'matmul_int_f',
@@ -151,7 +152,8 @@ def zero_point_np(lo, hi):
 def _affine_range(lo, hi):
     """float32 ``(lo, hi)`` of an affine uint8 range covering [lo, hi] (lo < 0 <= hi).
 
-    The zero point is ``z = floor(-lo * 255 / (hi - lo))`` and the scale ``-lo / z``, so that
+    The zero point is ``z = floor(-lo * 255 / (hi - lo) + 1e-4)`` (the 1e-4 absorbs float32
+    rounding of the bounds) and the scale ``-lo / z``, so that
     ``lo`` itself is an integer step (the minimum is often where many values sit: a
     normalized image's background, the flat end of hardswish or GELU) and ``hi`` stays
     covered. The span ``255 * scale`` is snapped like a symmetric range
@@ -163,7 +165,7 @@ def _affine_range(lo, hi):
     lo, hi = float(lo), float(hi)
     if _is_affine_range(lo, hi):
         return lo, hi
-    z = int(min(np.floor(-lo * QRANGE['uint8'] / max(hi - lo, EPS_RANGE) * (1 + 1e-9)), 255))
+    z = int(min(np.floor(-lo * QRANGE['uint8'] / max(hi - lo, EPS_RANGE) + 1e-4), 255))
     if z <= 0:
         return None
     span = np.float32(snap_range_max(-lo * QRANGE['uint8'] / z, 'uint8'))

@@ -57,10 +57,11 @@ residual=None, residual_qp=None, geometry=None, flatten=True)`` -> float32 array
 input is affine uint8 (float output)
 
 Affine uint8 (README "The arithmetic"): a range [lo, hi] with lo < 0 has the zero point
-``z = floor(-lo * 255 / (hi - lo))`` in [1, 255] and the span ``-lo * 255 / z`` (so that lo
-is a whole step), snapped like a uint8 magnitude; ``inv = f32(255 / span)`` and
-``q = clip(rne(f32(x * inv)), -z, 255 - z) + z``. A layer computes ``acc = sum(q_w * (q_x - z)) + q_b`` with padding by ``z``
-(a real 0), ``q_b`` at ``s_x = f32(span / 255)``, saturated with twice the uint8 headroom.
+``z = floor(-lo * 255 / (hi - lo) + 1e-4)`` in [1, 255] and the span ``-lo * 255 / z`` (so
+that lo is a whole step), snapped like a uint8 magnitude; ``inv = f32(255 / span)`` and
+``q = clip(rne(f32(x * inv)), -z, 255 - z) + z``. A layer computes
+``acc = sum(q_w * (q_x - z)) + q_b`` with padding by ``z`` (a real 0), ``q_b`` at
+``s_x = f32(span / 255)``, saturated with twice the uint8 headroom.
 """
 import numpy as np
 
@@ -554,10 +555,10 @@ def _float_conv(x, w, g):
 # -- affine uint8 inputs ----------------------------------------------------------------------
 def affine_qparams(lo, hi):
     """``(inv, z)`` of the affine uint8 range [lo, hi] (lo < 0), by the documented rule:
-    ``z = floor(-lo * 255 / (hi - lo))`` (0 if that is 0: plain uint8), the span
+    ``z = floor(-lo * 255 / (hi - lo) + 1e-4)`` (0: plain uint8), the span
     ``-lo * 255 / z`` snapped as a uint8 magnitude, ``inv = f32(255 / span)``."""
     lo, hi = float(lo), float(hi)
-    z = int(min(np.floor(-lo * 255 / (hi - lo) * (1 + 1e-9)), 255))
+    z = int(min(np.floor(-lo * 255 / (hi - lo) + 1e-4), 255))
     if z <= 0:
         return None, 0
     inv = _f32(_f32(255) / _f32(snap_max(-lo * 255 / z, 'uint8')))

@@ -426,7 +426,7 @@ def _assert_covers_exactly(qp, x):
     if qp.get('scheme') != 'affine':
         assert qp['max'] == pytest.approx(float(np.abs(x).max()), rel=1e-5)
         return
-    z = int(np.floor(-lo * 255 / (hi - lo) * (1 + 1e-9)))
+    z = int(np.floor(-lo * 255 / (hi - lo) + 1e-4))
     assert qp['min'] == pytest.approx(lo, rel=1e-5)
     assert qp['max'] >= hi * (1 - 1e-6)
     assert qp['max'] - qp['min'] <= (hi - lo) * (1 + 1.0 / z) * (1 + 1e-5)
