@@ -107,6 +107,7 @@ from .. import quant
 from ..convert.qnet import QuantizedNet
 from ..nn import QTensor
 from ..nn import _base as qbase
+from .registry import Registry
 
 __all__ = ['lower', 'LoweredNet', 'mx_range', 'MX_QRANGE', 'int8_kernels_exact',
            'halved_weights']
@@ -758,16 +759,8 @@ class _Context:
 # ---------------------------------------------------------------------------------------
 #: step kind (the block class a step names) -> ``handler(ctx, step, block)``, which binds the
 #: step's outputs in ``ctx.env`` and records in ``ctx.note`` how the step was lowered
-HANDLERS = {}
-
-
-def handles(*kinds):
-    """Register the decorated function as the lowering of the steps of ``kinds``."""
-    def register(fn):
-        for kind in kinds:
-            HANDLERS[kind] = fn
-        return fn
-    return register
+HANDLERS = Registry()
+handles = HANDLERS.handles
 
 
 def _reference(ctx, step, block, lowering, reason=''):

@@ -77,6 +77,7 @@ import numpy as np
 from .. import quant
 from ..atomic import atomic_outputs
 from ..convert.qnet import QuantizedNet, _find_op
+from .registry import Registry
 
 __all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'ONNXExportError', 'tensor_names',
            'residual_intermediates', 'onnx_zero_point', 'matching_weight_scales',
@@ -443,16 +444,8 @@ class _Context:
 # ---------------------------------------------------------------------------------------
 #: step kind (the block class a step names) -> ``handler(b, step, block)``, which writes the
 #: step's nodes into the context ``b`` and binds its outputs in ``b.env``
-HANDLERS = {}
-
-
-def handles(*kinds):
-    """Register the decorated function as the ONNX converter of the steps of ``kinds``."""
-    def register(fn):
-        for kind in kinds:
-            HANDLERS[kind] = fn
-        return fn
-    return register
+HANDLERS = Registry()
+handles = HANDLERS.handles
 
 
 @handles('Quantize')
