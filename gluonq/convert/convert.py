@@ -263,20 +263,25 @@ def _choose_qparams(observer, scheme):
 def _propagate_qparams(units, producer, qparams):
     """Ranges of pass-through outputs, concat inputs that share the output's range, and
     ReLU'd residual layers with a signed operand."""
+    nonneg = set()                 # int8 edges that hold 0..127 only (ReLU'd)
     for u in units:
         if not u.is_int8:
             continue
         if u.kind in ('conv', 'dense') and u.residual is not None and u.act == 'relu' and \
                 u.output in qparams and qparams[u.output].dtype == 'uint8' and \
-                qparams[u.residual].dtype == 'int8':
+                qparams[u.residual].dtype == 'int8' and u.residual not in nonneg:
             # relu(conv(x) + r) with a signed r: the output is held as int8 (0..127), one bit
             # less, because oneDNN's fused sum computes in the operand's dtype and saturates
-            # at 127 (MXNet's own int8 flow silently clips such outputs at half range)
+            # at 127 (MXNet's own int8 flow silently clips such outputs at half range). With
+            # a ReLU'd r (0..127) the sum fits uint8, and the output keeps its uint8 range.
             out = qparams[u.output]
             qparams[u.output] = quant.QParams('int8', -out.max, out.max)
+            nonneg.add(u.output)
         elif u.kind in ('pool', 'flatten', 'relu', 'shape'):
             for e in u.outputs:
                 qparams[e] = qparams[u.inputs[0]]
+                if u.kind == 'relu' or u.inputs[0] in nonneg:
+                    nonneg.add(e)
         elif u.kind == 'concat':
             out = qparams[u.output]
             # an int8 layer feeding only this concat writes the concat's range directly,
