@@ -41,7 +41,8 @@ gluonq variant the report gives its ratio to the fastest anchor of the same runt
 the fastest anchor overall (anchors: the fp32 variants, MXNet's built-in int8, onnxruntime's
 ``quantize_static``, OpenVINO on that and on NNCF's model), and whether the issue's bars
 hold (``gluonq-ov`` >= ``ov-nncf``, or ``ov-ort-qdq`` without nncf; ``gluonq-onnx`` >=
-``ort-qstatic``). Memory: each variant runs alone in its own process (the MXNet exports
+``ort-qstatic``), as the ratio of the medians and, paired round by round, as the median
+of the rounds' ratios (:func:`paired_ratio`). Memory: each variant runs alone in its own process (the MXNet exports
 without gluonq), and its peak RSS is reported. The lines before the tables say whether
 this CPU runs int8 exactly (VNNI): without VNNI oneDNN and onnxruntime saturate int16
 pairs, and int8 gains less over fp32.
@@ -339,7 +340,17 @@ def job_speed(model, variants, workdir, batches, runs, warmup, threads):
                     times[v].append(time.perf_counter() - t)
         for v in variants:
             res[v][str(bs)] = bs / float(np.median(times[v]))
+            # the median time of each round, for ratios paired round by round
+            res[v]['rounds ' + str(bs)] = [float(np.median(times[v][i:i + TURN]))
+                                           for i in range(0, len(times[v]), TURN)]
     return res
+
+
+def paired_ratio(rounds_ours, rounds_anchor):
+    """Median over the rounds of (anchor's time / ours) in the same round: a speed ratio
+    that a change of the machine's speed between rounds moves far less than the ratio of
+    the two medians does."""
+    return _median([a / o for o, a in zip(rounds_ours, rounds_anchor)])
 
 
 def job_memory(model, variant, workdir, batches, threads):
@@ -557,6 +568,11 @@ def report(args, variants, conv, speed, memory, loads):
             print('%s / %s%s: %s -> %s' % (g, a, note, ', '.join(
                 '%s bs%d %.2f' % c for c in cells), 'MET' if all(c[2] >= 1.0 for c in cells)
                 else 'NOT MET'))
+            print('    paired round by round (median of %d rounds): %s' % (
+                -(-args.runs // TURN), ', '.join('%s bs%d %.2f' % (
+                    model, bs, paired_ratio(speed[(model, g)]['rounds %d' % bs],
+                                            speed[(model, a)]['rounds %d' % bs]))
+                    for model in args.models for bs in args.batches)))
     print('\n## peak memory (MB, max RSS of a process running only that variant)\n')
     print('| model | ' + ' | '.join(variants) + ' |')
     print('|' + '---|' * (len(variants) + 1))
