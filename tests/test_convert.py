@@ -229,3 +229,25 @@ def test_symbolblock_import_converts(tmp_path):
                                             str(tmp_path / 'tiny-0000.params'))
     q = gluonq.quantize_net(imported, x, progress=False)
     assert quant.sqnr_db(net(mx.nd.array(x)).asnumpy(), q(mx.nd.array(x)).asnumpy()) > 20
+
+
+def test_relu_residual_output_is_uint8_unless_its_operand_is_signed():
+    """relu(conv(x) + r) is held as uint8 (0..255) when the operand ``r`` is never negative
+    and as int8 0..127 (oneDNN's fused sum saturates in a signed operand's dtype) when it
+    can be: checked against the operand integers the network computes. ResNet-20 has both
+    (each stage's downsampling block adds a signed 1x1 convolution)."""
+    x, _ = M.load('train', 64)
+    q = gluonq.quantize_net(M.pretrained('resnet20'), x, progress=False)
+    env = q.forward_all(mx.nd.array(x))
+    seen = set()
+    for st in q.spec['steps']:
+        block = q._children[st['name']]
+        if len(st['inputs']) != 2 or getattr(block, '_act_type', None) != 'relu' or \
+                not st['block'].startswith('QuantizedConv'):
+            continue
+        signed = bool(env[st['inputs'][1]].data.asnumpy().min() < 0)
+        out = env[st['outputs'][0]].data.asnumpy()
+        assert block._out_dtype == ('int8' if signed else 'uint8'), st['name']
+        assert out.min() >= 0 and (not signed or out.max() <= 127), st['name']
+        seen.add(signed)
+    assert seen == {True, False}
