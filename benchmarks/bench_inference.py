@@ -42,10 +42,10 @@ the fastest anchor overall (anchors: the fp32 variants, MXNet's built-in int8, o
 ``quantize_static``, OpenVINO on that and on NNCF's model), and whether the issue's bars
 hold (``gluonq-ov`` >= ``ov-nncf``, or ``ov-ort-qdq`` without nncf; ``gluonq-onnx`` >=
 ``ort-qstatic``), as the ratio of the medians and, paired round by round, as the median
-of the rounds' ratios (:func:`paired_ratio`). Memory: each variant runs alone in its own process (the MXNet exports
-without gluonq), and its peak RSS is reported. The lines before the tables say whether
-this CPU runs int8 exactly (VNNI): without VNNI oneDNN and onnxruntime saturate int16
-pairs, and int8 gains less over fp32.
+of the rounds' ratios (:func:`paired_ratio`). Memory: each variant runs alone in its own
+process (the MXNet exports without gluonq), and its peak RSS is reported. The lines before
+the tables say whether this CPU runs int8 exactly (VNNI): without VNNI oneDNN and
+onnxruntime saturate int16 pairs, and int8 gains less over fp32.
 
     python benchmarks/bench_inference.py                              # everything
     python benchmarks/bench_inference.py --models resnet50_v1,mobilenetv2_1.0 --batches 1,16
