@@ -31,7 +31,9 @@ N_CALIB = 512
 #: (drop of top-1 in points against fp32, logit SQNR in dB) of gluonq's hybridized int8
 #: network, measured on a 2-core AMD EPYC with AVX512-VNNI: (with VNNI, without VNNI), the
 #: latter with ``DNNL_MAX_CPU_ISA=AVX512_CORE`` (the same figures as the README's AVX2
-#: machine: ResNet-20 naive 28.7 / 28.8 dB there). 'naive-tensor': per-tensor weights.
+#: machine: ResNet-20 naive 28.7 / 28.8 dB there). ResNet-20's rows were measured again on
+#: a 2-core Intel Xeon with AVX512-VNNI after its ReLU'd residual outputs became uint8
+#: (b6479f0). 'naive-tensor': per-tensor weights.
 MEASURED = {
     ('resnet20', 'naive'): ((0.03, 35.6), (0.01, 31.9)),
     ('resnet20', 'entropy'): ((0.00, 29.6), (0.00, 28.7)),
