@@ -340,3 +340,47 @@ def test_spec_check_names_the_step(tmp_path):
     fop['config']['num_inputs'] += 1
     with pytest.raises(ValueError, match=r'FloatOp.*has \d+ inputs, but the step lists'):
         gluonq.convert.qnet.QuantizedNet(spec)
+
+
+class LSTMTagger(HybridBlock):
+    """An LSTM with its default (zero) begin state, then a dense layer per time step."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        with self.name_scope():
+            self.lstm = mx.gluon.rnn.LSTM(16, layout='NTC', input_size=8)
+            self.fc = nn.Dense(4, in_units=16, flatten=False)
+
+    def hybrid_forward(self, F, x):
+        return self.fc(self.lstm(x))
+
+
+@pytest.mark.onednn
+@pytest.mark.parametrize('hybridize', [False, True])
+def test_lstm_default_state_converts_for_any_batch_size(hybridize):
+    """The LSTM's begin state is zeros of a batch size MXNet infers from the data; it must not
+    be frozen at the batch size of the trace. The LSTM stays float and the dense layer is
+    int8: at batch sizes 1, 3 and 8 each output is within the bound that the input and
+    weight steps give (numpy, from the float weights and the calibrated input range). Without
+    VNNI the default fused kernels round int8 weights differently (README, "CPUs without
+    VNNI"), so the hybridized case runs ``exact=True`` there."""
+    net = LSTMTagger()
+    net.initialize(mx.init.Xavier(), ctx=mx.cpu())
+    x = np.random.RandomState(0).randn(8, 5, 8).astype(np.float32)
+    q = gluonq.quantize_net(net, x, progress=False)
+    if hybridize:           # the fused kernels, bit-exact ones on a CPU without VNNI
+        q.hybridize(exact=not lower.int8_kernels_exact())
+    dense = [b for b in q._children.values() if type(b).__name__ == 'QuantizedDense']
+    assert len(dense) == 1
+    s_x = float(dense[0]._in_q.max) / 127
+    w = net.fc.weight.data().asnumpy().astype(np.float64)          # (4, 16)
+    s_w = np.abs(w).max(axis=1) / 127
+    for n in (1, 3, 8):
+        h = net.lstm(mx.nd.array(x[:n])).asnumpy().astype(np.float64)   # (n, 5, 16)
+        assert np.abs(h).max() <= 127 * s_x * (1 + 1e-6)
+        bound = (np.abs(w).sum(1) * s_x / 2 + np.abs(h).sum(-1, keepdims=True) * s_w / 2
+                 + w.shape[1] * s_x * s_w / 4 + s_x * s_w / 2) * (1 + 1e-5) + 1e-6
+        y_f = net(mx.nd.array(x[:n])).asnumpy()
+        y_q = q(mx.nd.array(x[:n])).asnumpy()
+        assert y_q.shape == y_f.shape == (n, 5, 4)
+        assert (np.abs(y_q - y_f) <= bound).all(), np.abs(y_q - y_f).max()

@@ -13,13 +13,14 @@ nodes it removed; every note starts with the op name of the removed node.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 import mxnet as mx
 import numpy as np
 
 from .graph import Node, parse_tuple
 
-__all__ = ['remove_identities', 'fold_constants', 'fold_batchnorm', 'fold_affine',
+__all__ = ['remove_identities', 'batch_sized_states', 'fold_constants', 'fold_batchnorm', 'fold_affine',
            'constant_operand', 'affine_problem', 'batchnorm_to_conv', 'prepare']
 
 IDENTITY_OPS = ('Dropout', '_copy', 'identity', 'BlockGrad', 'stop_gradient')
@@ -52,10 +53,12 @@ def _eval_node(node, values):
 def fold_constants(graph):
     """Evaluate every op whose inputs are all parameters (a reshaped, transposed, broadcast or
     scaled constant) once, in float32 as the network computes it, and make its outputs
-    parameters. Random ops are left alone."""
+    parameters. Random ops are left alone, and so are ops that make a tensor whose shape
+    MXNet infers from the data (``zeros(shape=(1, 0, 16))``, an RNN's default begin state:
+    its batch size is not known until the network runs)."""
     for node in graph.op_nodes():
         if not all(src in graph.params for src, _ in node.inputs) or node.shapes is None or \
-                'random' in node.op or 'sample' in node.op:
+                'random' in node.op or 'sample' in node.op or _shape_inferred(node):
             continue
         outs = _eval_node(node, [graph.params[src] for src, _ in node.inputs])
         del graph.nodes[node.name]
@@ -68,6 +71,49 @@ def fold_constants(graph):
         graph.notes[node.name] = '%s of constants evaluated once at conversion' % node.op
     graph.remove_unused()
     return graph
+
+
+_FILL = {'_zeros': lambda n: 0.0, '_ones': lambda n: 1.0,
+         '_full': lambda n: float(n.attr('value', '0'))}
+
+
+def batch_sized_states(graph):
+    """Give an RNN's default begin states (``zeros(shape=(layers, 0, hidden))``, whose 0 is
+    the batch size MXNet infers from the data) a data input: a constant with batch size 1
+    broadcast to the RNN data's batch axis (``broadcast_like``, axis 1 of both, RNN's TNC
+    layout), placed just before the RNN. Evaluating such a state once would fix the batch
+    size of the converted network."""
+    users = graph.consumers()
+    for node in graph.op_nodes():
+        if node.op not in _FILL or not _shape_inferred(node):
+            continue
+        rnns = [graph.nodes[c] for c, pos in users[node.name]
+                if graph.nodes[c].op == 'RNN' and pos >= 2]
+        if len(rnns) != len(users[node.name]) or len({r.name for r in rnns}) != 1:
+            continue
+        rnn = rnns[0]
+        shape = parse_tuple(node.attr('shape'))
+        if [i for i, d in enumerate(shape) if d <= 0] != [1]:
+            continue
+        row = graph.add_param(_fresh(graph, node.name + '_row'),
+                              np.full((shape[0], 1) + shape[2:], _FILL[node.op](node),
+                                      np.float32))
+        state = Node(node.name, 'broadcast_like', {'lhs_axes': '(1,)', 'rhs_axes': '(1,)'},
+                     [(row, 0), rnn.inputs[0]])
+        state.shapes = node.shapes
+        order = [n for n in graph.nodes.values() if n.name != node.name]
+        at = order.index(rnn)
+        graph.nodes = OrderedDict((n.name, n) for n in order[:at] + [state] + order[at:])
+        graph.notes[node.name] = ('%s with the batch size inferred: a batch-1 constant '
+                                  'broadcast along the RNN data\'s batch axis' % node.op)
+    return graph
+
+
+def _shape_inferred(node):
+    """Does ``node`` read nothing and make a tensor of a ``shape`` attribute with unknown
+    (0 or -1) sizes?"""
+    shape = node.attr('shape', None)
+    return not node.inputs and shape is not None and any(d <= 0 for d in parse_tuple(shape))
 
 
 def _bn_alpha_beta(graph, bn):
@@ -310,6 +356,7 @@ def prepare(graph):
     constant arithmetic folded into the layers before them (until nothing changes: conv ->
     mul -> add -> BatchNorm folds whole), lone BNs as depthwise convs."""
     remove_identities(graph)
+    batch_sized_states(graph)
     fold_constants(graph)
     while True:
         fold_batchnorm(graph)
