@@ -20,8 +20,8 @@ import numpy as np
 
 from .graph import Node, parse_tuple
 
-__all__ = ['remove_identities', 'batch_sized_states', 'fold_constants', 'fold_batchnorm', 'fold_affine',
-           'constant_operand', 'affine_problem', 'batchnorm_to_conv', 'prepare']
+__all__ = ['remove_identities', 'batch_sized_states', 'fold_constants', 'fold_batchnorm',
+           'fold_affine', 'constant_operand', 'affine_problem', 'batchnorm_to_conv', 'prepare']
 
 IDENTITY_OPS = ('Dropout', '_copy', 'identity', 'BlockGrad', 'stop_gradient')
 
