@@ -251,3 +251,40 @@ def test_relu_residual_output_is_uint8_unless_its_operand_is_signed():
         assert out.min() >= 0 and (not signed or out.max() <= 127), st['name']
         seen.add(signed)
     assert seen == {True, False}
+
+
+class _ReluAfterConcat(mx.gluon.HybridBlock):
+    """A standalone ReLU (after a concat) is the operand of a ReLU'd residual layer."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        with self.name_scope():
+            self.a = nn.Conv2D(4, 3, padding=1, in_channels=3)
+            self.b = nn.Conv2D(4, 3, padding=1, in_channels=3)
+            self.res = nn.Conv2D(8, 3, padding=1, in_channels=8)
+            self.head = nn.Conv2D(2, 1, in_channels=8)
+
+    def hybrid_forward(self, F, x):
+        h = F.relu(F.concat(self.a(x), self.b(x), dim=1))
+        return self.head(F.relu(self.res(h) + h))
+
+
+@pytest.mark.onednn
+def test_standalone_relu_operand_keeps_the_residual_layer_fused():
+    """A standalone ReLU's int8 output is typed int8 in MXNet (only a fused layer types its
+    0..127 output uint8), so the residual layer reading it is held as int8 0..127, which
+    oneDNN's fused sum computes exactly; a uint8 output would need the unfused int32 path.
+    The fast path gives the eager integers (bit-exact with VNNI)."""
+    net = _ReluAfterConcat()
+    net.initialize(mx.init.Xavier(), ctx=mx.cpu())
+    x = np.random.RandomState(0).randn(8, 3, 8, 8).astype(np.float32)
+    q = gluonq.quantize_net(net, x, progress=False)
+    step = next(st for st in q.spec['steps'] if len(st['inputs']) == 2 and
+                st['block'] == 'QuantizedConv2D')
+    assert q._children[step['name']]._out_dtype == 'int8'
+    report = {r['step']: r for r in lower.lower(q, exact=False).report}   # the fast path
+    assert report[step['name']]['lowering'] == 'fused', report[step['name']]
+    if lower.int8_kernels_exact():
+        y = q(mx.nd.array(x)).asnumpy()
+        q.hybridize()
+        np.testing.assert_allclose(q(mx.nd.array(x)).asnumpy(), y, rtol=1e-5, atol=1e-5)

@@ -263,7 +263,7 @@ def _choose_qparams(observer, scheme):
 def _propagate_qparams(units, producer, qparams):
     """Ranges of pass-through outputs, concat inputs that share the output's range, and
     ReLU'd residual layers with a signed operand."""
-    nonneg = set()                 # int8 edges that hold 0..127 only (ReLU'd)
+    nonneg = set()       # int8 edges of ReLU'd residual layers (0..127, typed uint8 by oneDNN)
     for u in units:
         if not u.is_int8:
             continue
@@ -273,14 +273,16 @@ def _propagate_qparams(units, producer, qparams):
             # relu(conv(x) + r) with a signed r: the output is held as int8 (0..127), one bit
             # less, because oneDNN's fused sum computes in the operand's dtype and saturates
             # at 127 (MXNet's own int8 flow silently clips such outputs at half range). With
-            # a ReLU'd r (0..127) the sum fits uint8, and the output keeps its uint8 range.
+            # such a 0..127 r (which the fused kernels type uint8) the sum fits uint8, and the
+            # output keeps its uint8 range. A standalone ReLU's int8 output stays int8-typed
+            # in MXNet, so it counts as signed here.
             out = qparams[u.output]
             qparams[u.output] = quant.QParams('int8', -out.max, out.max)
             nonneg.add(u.output)
         elif u.kind in ('pool', 'flatten', 'relu', 'shape'):
             for e in u.outputs:
                 qparams[e] = qparams[u.inputs[0]]
-                if u.kind == 'relu' or u.inputs[0] in nonneg:
+                if u.inputs[0] in nonneg:
                     nonneg.add(e)
         elif u.kind == 'concat':
             out = qparams[u.output]
