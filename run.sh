@@ -24,7 +24,9 @@ export MXNET_SUBGRAPH_VERBOSE=0
 job=${1:-test}; shift || true
 case "$job" in
   demo)  exec "$VENV/bin/python" examples/demo.py "$@" ;;
-  test)  exec "$VENV/bin/python" -m pytest -q "$@" ;;
+  # one pytest worker per core (pytest-xdist); each test file runs whole on one worker, so
+  # its module fixtures are built once. `./run.sh test -n 0` runs in this process.
+  test)  exec "$VENV/bin/python" -m pytest -q -n "$(nproc)" --dist loadfile "$@" ;;
   bench) exec "$VENV/bin/python" benchmarks/bench_inference.py "$@" ;;
   env)   echo "environment ready: $VENV" ;;
   *)     echo "usage: ./run.sh demo|test|bench|env [args]" >&2; exit 2 ;;

@@ -29,6 +29,7 @@ ONNX_REQUIRES = [
 OPENVINO_REQUIRES = ['openvino>=2024.6']
 TEST_REQUIRES = [
     'pytest>=7',
+    'pytest-xdist>=3.5',     # ./run.sh test runs one worker per core
     'hypothesis>=6.100',
     # three real pretrained ONNX models (text classifier, recognizer, detector) for the
     # real-model tests and the demo; Apache-2.0
