@@ -272,6 +272,42 @@ def test_fold_arithmetic_matches_the_float_network(layer, op, form, seed):
     np.testing.assert_allclose(yf, y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
 
 
+class SharedBiasBN(HybridBlock):
+    """Two convolutions with their own weights and one shared bias parameter, each followed
+    by a BatchNorm: neither BatchNorm can fold into its convolution's bias."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        with self.name_scope():
+            self.w1 = self.params.get('w1', shape=(4, 2, 3, 3))
+            self.w2 = self.params.get('w2', shape=(4, 2, 3, 3))
+            self.b = self.params.get('b', shape=(4,), init='zeros')
+            self.bn1, self.bn2 = nn.BatchNorm(in_channels=4), nn.BatchNorm(in_channels=4)
+
+    def hybrid_forward(self, F, x, w1, w2, b):
+        conv = dict(kernel=(3, 3), num_filter=4, pad=(1, 1))
+        return self.bn1(F.Convolution(x, w1, b, **conv)) + \
+            self.bn2(F.Convolution(x, w2, b, **conv))
+
+
+def test_batchnorm_after_a_layer_with_a_shared_bias_leaves_the_layer_unchanged():
+    rng = np.random.RandomState(0)
+    net = SharedBiasBN()
+    net.initialize(mx.init.Xavier())
+    for bn in (net.bn1, net.bn2):
+        bn.gamma.set_data(mx.nd.array(rng.uniform(0.5, 2.0, 4)))
+        bn.running_mean.set_data(mx.nd.array(rng.randn(4)))
+        bn.running_var.set_data(mx.nd.array(rng.uniform(0.5, 2.0, 4)))
+    net.b.set_data(mx.nd.array(rng.randn(4)))
+    x = rng.randn(3, 2, 5, 5).astype(np.float32)
+    graph = trace_and_fold(net, (1, 2, 5, 5))
+    # each BatchNorm is still its own op (a depthwise 1x1 convolution)
+    assert [n.op for n in graph.op_nodes()].count('Convolution') == 4
+    y = net(mx.nd.array(x)).asnumpy()
+    yf = _folded_float_block(graph)(mx.nd.array(x)).asnumpy()
+    np.testing.assert_allclose(yf, y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
+
+
 @pytest.mark.parametrize('case', ['spatial constant', 'two readers', 'constant / output',
                                   'after pooling'])
 def test_unfoldable_constant_stays_float_with_a_reason(case):

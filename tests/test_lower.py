@@ -459,7 +459,7 @@ def test_pin_fused_sum_is_a_fused_multiply_add():
         miss = np.abs(vals[st['outputs'][0]] - fused_model)
         if VNNI:
             np.testing.assert_array_equal(vals[st['outputs'][0]], fused_model)
-        else:           # the non-VNNI accumulator model's known rare miss (_assert_layerwise_bounded)
+        else:   # the non-VNNI accumulator model's known rare miss (_assert_layerwise_bounded)
             assert miss.max() <= 1 and np.count_nonzero(miss) <= NON_VNNI_MODEL_MISSES * miss.size
         n_diff += int((fused_model != q_ref).sum())
     assert n_diff == 0

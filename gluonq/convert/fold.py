@@ -145,37 +145,59 @@ def _channel_axis_ok(producer, axis):
     return axis == len(out_shape) - 1          # FullyConnected: units on the last axis
 
 
+def _fold_target_problem(graph, edge, axis, users):
+    """Why a per-channel ``y = alpha * x + shift`` on ``edge`` along ``axis`` cannot fold into
+    the layer that writes ``edge`` (None if it can): that must be a Convolution or
+    FullyConnected whose output, weight and bias nothing else reads."""
+    src, idx = edge
+    producer = graph.nodes[src]
+    if producer.op not in ('Convolution', 'FullyConnected') or idx != 0:
+        return 'after %s (%s), not after a conv/dense layer it could fold into' % (
+            producer.name, producer.op)
+    if len(users[src]) != 1 or (src, 0) in graph.outputs:
+        return 'after %s, whose output has other readers: cannot fold' % src
+    wname = graph.param_of(producer, 1)
+    if wname is None or len(users[wname]) != 1:
+        return 'after %s, whose weight is not its own parameter' % src
+    if not producer.bool_attr('no_bias', False):
+        bname = graph.param_of(producer, 2)
+        if bname is None or len(users[bname]) != 1:
+            return 'after %s, whose bias is not its own parameter' % src
+    if not _channel_axis_ok(producer, axis):
+        return 'after %s, whose layout is not channel-first' % src
+    return None
+
+
+def _fold_into(graph, producer, alpha, shift):
+    """Make ``producer`` (see :func:`_fold_target_problem`) compute ``alpha * y + shift`` per
+    output channel: ``w' = alpha w``, ``b' = alpha b + shift`` (a bias is added if it has
+    none), float64 products rounded to float32."""
+    if np.any(alpha != 1.0):
+        wname = graph.param_of(producer, 1)
+        w = graph.params[wname].astype(np.float64)
+        graph.params[wname] = (w * alpha.reshape((-1,) + (1,) * (w.ndim - 1))).astype(
+            np.float32)
+    if producer.bool_attr('no_bias', False):
+        bname = graph.add_param(_fresh(graph, producer.name + '_folded_bias'),
+                                shift.astype(np.float32))
+        producer.inputs.append((bname, 0))
+        producer.attrs['no_bias'] = 'False'
+    else:
+        bname = graph.param_of(producer, 2)
+        b = graph.params[bname].astype(np.float64)
+        graph.params[bname] = (b * alpha + shift).astype(np.float32)
+
+
 def fold_batchnorm(graph):
     """Fold every inference BatchNorm that directly follows a Convolution or FullyConnected
-    (whose output nothing else reads) into that layer's weight and bias."""
+    (whose output, weight and bias nothing else reads) into that layer's weight and bias."""
     users = graph.consumers()
     for bn in graph.op_nodes():
-        if not _is_foldable_bn(graph, bn):
+        if not _is_foldable_bn(graph, bn) or \
+                _fold_target_problem(graph, bn.inputs[0], int(bn.attr('axis', '1')), users):
             continue
-        src, idx = bn.inputs[0]
-        producer = graph.nodes[src]
-        if producer.op not in ('Convolution', 'FullyConnected') or idx != 0:
-            continue
-        if len(users[src]) != 1 or (src, 0) in graph.outputs:
-            continue
-        wname = graph.param_of(producer, 1)
-        if wname is None or len(users[wname]) != 1 or not _channel_axis_ok(producer, int(bn.attr('axis', '1'))):
-            continue
-        alpha, shift = _bn_alpha_beta(graph, bn)
-        w = graph.params[wname].astype(np.float64)
-        graph.params[wname] = (w * alpha.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
-        no_bias = producer.bool_attr('no_bias', False)
-        if no_bias:
-            bname = graph.add_param(_fresh(graph, producer.name + '_folded_bias'),
-                                    shift.astype(np.float32))
-            producer.inputs.append((bname, 0))
-            producer.attrs['no_bias'] = 'False'
-        else:
-            bname = graph.param_of(producer, 2)
-            if bname is None or len(users[bname]) != 1:
-                continue
-            b = graph.params[bname].astype(np.float64)
-            graph.params[bname] = (b * alpha + shift).astype(np.float32)
+        producer = graph.nodes[bn.inputs[0][0]]
+        _fold_into(graph, producer, *_bn_alpha_beta(graph, bn))
         graph.replace_uses((bn.name, 0), (producer.name, 0))
         graph.notes[bn.name] = 'BatchNorm folded into %s' % producer.name
         users = graph.consumers()
@@ -247,22 +269,11 @@ def affine_problem(graph, node, users=None):
     kind, (src, idx), c, const_first = found
     producer = graph.nodes[src]
     what = '%s with a constant' % node.op
-    if producer.op not in ('Convolution', 'FullyConnected') or idx != 0:
-        return '%s after %s (%s), not after a conv/dense layer it could fold into' % (
-            what, producer.name, producer.op)
     users = graph.consumers() if users is None else users
-    if len(users[src]) != 1 or (src, 0) in graph.outputs:
-        return "%s after %s, whose output has other readers: cannot fold" % (what, src)
-    wname = graph.param_of(producer, 1)
-    if wname is None or len(users[wname]) != 1:
-        return '%s after %s, whose weight is not its own parameter' % (what, src)
-    bname = None if producer.bool_attr('no_bias', False) else graph.param_of(producer, 2)
-    if not producer.bool_attr('no_bias', False) and (bname is None or
-                                                     len(users[bname]) != 1):
-        return '%s after %s, whose bias is not its own parameter' % (what, src)
-    axis = _channel_axis(producer)
-    if not _channel_axis_ok(producer, axis):
-        return '%s after %s, whose layout is not channel-first' % (what, src)
+    axis = _channel_axis(producer) if producer.shapes else 1
+    why = _fold_target_problem(graph, (src, idx), axis, users)
+    if why:
+        return '%s %s' % (what, why)
     _, why = _per_channel(c, producer.shapes[0], axis)
     if why:
         return '%s after %s: %s' % (what, src, why)
@@ -291,20 +302,7 @@ def fold_affine(graph):
         alpha = {'add': 1.0, 'sub': -1.0 if const_first else 1.0, 'mul': c,
                  'div': 1.0 / c}[kind] * np.ones(units)
         shift = {'add': c, 'sub': c if const_first else -c}.get(kind, np.zeros(units))
-        wname = graph.param_of(producer, 1)
-        if np.any(alpha != 1.0):
-            w = graph.params[wname].astype(np.float64)
-            graph.params[wname] = (w * alpha.reshape((-1,) + (1,) * (w.ndim - 1))).astype(
-                np.float32)
-        if producer.bool_attr('no_bias', False):
-            bname = graph.add_param(_fresh(graph, producer.name + '_folded_bias'),
-                                    shift.astype(np.float32))
-            producer.inputs.append((bname, 0))
-            producer.attrs['no_bias'] = 'False'
-        else:
-            bname = graph.param_of(producer, 2)
-            b = graph.params[bname].astype(np.float64)
-            graph.params[bname] = (b * alpha + shift).astype(np.float32)
+        _fold_into(graph, producer, alpha, shift)
         graph.replace_uses((node.name, 0), (producer.name, 0))
         del graph.nodes[node.name]
         graph.notes[node.name] = '%s with a constant folded into the %s of %s' % (

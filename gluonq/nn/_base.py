@@ -277,8 +277,9 @@ class QuantizedLayer(QuantizedBlock):
         """int8 ``weight``, float32 ``weight_scale`` and (if any) the ``bias``.
 
         The bias is int32 at scale ``s_in * s_w`` when the input range is calibrated (for
-        an affine input minus ``z * sum(q_w)`` per output channel); in dynamic mode ``s_in`` is only known at run time, so the bias stays float32 and is
-        quantized with the run-time scale.
+        an affine input minus ``z * sum(q_w)`` per output channel); in dynamic mode ``s_in``
+        is only known at run time, so the bias stays float32 and is quantized with the
+        run-time scale.
         """
         self.weight = self._int_param('weight', weight_shape, np.int8)
         nscale = self._units if self._per_channel else 1
