@@ -348,6 +348,31 @@ def test_dense_with_residual_and_float_output_fuses_and_adds_in_float32():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 
+def test_residual_dense_on_sequences_exports_with_calibration_data(tmp_path):
+    """``export_onnx(calib_data=...)`` observes each residual dense layer's result before
+    the add along the units (last) axis of a 3-d output: the range is the float dense
+    result's, and onnxruntime's output is gluonq's within half a step of that 8-bit
+    pre-add tensor (onnxruntime rounds it before adding the residual; gluonq does not)."""
+    onnx = pytest.importorskip('onnx')
+    x = np.random.RandomState(2).normal(0, 1, (64, 5, 12)).astype(np.float32)
+    net = _ResidualDense()                        # 12 units over 5 steps
+    net.initialize(mx.init.Xavier())
+    qnet = gluonq.quantize_net(net, x, progress=False)
+    step, = [s for s in qnet.spec['steps'] if s['block'] == 'QuantizedDense']
+    lo, hi = gluonq.onnx.preadd_ranges(qnet, x)[step['name']]
+    pre = net.fc(mx.nd.array(x)).asnumpy()        # the float dense result
+    span = np.abs(pre).max()
+    assert abs(lo - min(pre.min(), 0)) <= 0.02 * span and abs(hi - max(pre.max(), 0)) <= \
+        0.02 * span, (lo, hi, pre.min(), pre.max())
+    path = str(tmp_path / 'residual.onnx')
+    gluonq.export_onnx(qnet, path, calib_data=x)
+    got = _ort_session(onnx.load(path)).run(None, {'data': x})[0]
+    want = qnet(mx.nd.array(x)).asnumpy()
+    step8 = max(abs(lo), abs(hi)) / 127           # the coarser of int8 and uint8
+    err = np.abs(got - want).max()
+    assert err <= 0.5 * step8 * 1.001 + 1e-5 * np.abs(want).max(), (err, step8)
+
+
 def _bench_encoder(**kw):
     """The BERT-like encoder of benchmarks/bench_transformer.py (its own recipe)."""
     import importlib.util
