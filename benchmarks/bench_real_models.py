@@ -16,7 +16,11 @@ with the same calibration images:
   (``gluonq.export_onnx`` in onnxruntime, default weight type);
 * ``ORT quantize_static``: onnxruntime's own quantizer (``quant_pre_process``, QDQ, uint8
   activations, int8 weights) per channel with MinMax, Entropy and Percentile calibration
-  (its default options), and per tensor with MinMax (``bench_onnx.ort_quantize_static``);
+  (its default options), and per tensor with MinMax (``bench_onnx.ort_quantize_static``).
+  Its Entropy and Percentile calibrators keep every intermediate output of every
+  calibration image in memory (they ignore ``CalibMaxIntermediateOutputs``): rec with 128
+  images of 48x320 was killed at 23 GB on a 24 GB machine. There, pass ``--ort
+  'per-channel MinMax,per-tensor MinMax'`` or fewer ``--n-calib``;
 * ``nncf.quantize`` (its defaults: MinMax and FastBiasCorrection), if nncf is installed (it
   is not one of gluonq's dependencies).
 
