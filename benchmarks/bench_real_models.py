@@ -10,10 +10,11 @@ with the same calibration images:
 
 * ``fp32``: the float network of ``gluonq.import_onnx`` (the reference of every score), and
   onnxruntime on the float ONNX file (its largest deviation from the import is printed);
-* ``gluonq <mode>`` for every ``calib_mode`` (naive, percentile, entropy, mse):
-  ``gluonq.quantize_net`` of the imported network, run ``eager`` (the reference chain),
-  ``fast`` (``qnet.hybridize()``: oneDNN's fused int8 kernels) and ``onnx``
-  (``gluonq.export_onnx`` in onnxruntime, default weight type);
+* ``gluonq <mode>`` for every ``calib_mode`` (naive, percentile, entropy, mse), and with
+  ``--recipes`` also ``act_scheme='auto'`` (``auto``), ``bias_correction=True`` (``bc``) or
+  both (``auto+bc``): ``gluonq.quantize_net`` of the imported network, run ``eager`` (the
+  reference chain), ``fast`` (``qnet.hybridize()``: oneDNN's fused int8 kernels) and
+  ``onnx`` (``gluonq.export_onnx`` in onnxruntime, default weight type);
 * ``ORT quantize_static``: onnxruntime's own quantizer (``quant_pre_process``, QDQ, uint8
   activations, int8 weights) per channel with MinMax, Entropy and Percentile calibration
   (its default options), and per tensor with MinMax (``bench_onnx.ort_quantize_static``).
@@ -43,6 +44,7 @@ table row with its error. Threads: ``--threads`` for onnxruntime; MXNet follows
     python benchmarks/bench_real_models.py
     python benchmarks/bench_real_models.py --models cls --n-calib 128 --n-test 1000
     python benchmarks/bench_real_models.py --models det --det-size 480x640 --modes naive
+    python benchmarks/bench_real_models.py --modes naive,mse --recipes plain,auto,auto+bc
 """
 from __future__ import annotations
 
@@ -252,11 +254,21 @@ def _mx_runner(fn):
     return lambda x: fn(mx.nd.array(x)).asnumpy()
 
 
-def gluonq_variants(net, calib, mode, shape, path, threads):
-    """``gluonq <mode>`` run eager, fast and from its ONNX export (written to ``path``)
-    -> ({run: fn or the exception of its export}, conversion seconds, report)."""
+#: --recipes: gluonq's settings beyond calib_mode, each measured with every --modes
+RECIPES = OrderedDict([
+    ('plain', {}),
+    ('auto', {'act_scheme': 'auto'}),
+    ('bc', {'bias_correction': True}),
+    ('auto+bc', {'act_scheme': 'auto', 'bias_correction': True}),
+])
+
+
+def gluonq_variants(net, calib, mode, shape, path, threads, **options):
+    """``gluonq <mode>`` (with ``quantize_net`` ``options``) run eager, fast and from its
+    ONNX export (written to ``path``) -> ({run: fn or the exception of its export},
+    conversion seconds, report)."""
     with _Timer() as t:
-        qnet = gluonq.quantize_net(net, calib, calib_mode=mode, progress=False)
+        qnet = gluonq.quantize_net(net, calib, calib_mode=mode, progress=False, **options)
     out_key = qnet.spec['outputs'][0]
     runs = OrderedDict()
     # the reference chain stays eager after hybridize(): its steps are not hybridized
@@ -318,18 +330,21 @@ def build_variants(task, args, src, net, calib, workdir):
     variants[REF] = _mx_runner(net)
     variants[('fp32', '-', 'onnxruntime')] = lambda x: run_session(sess, x)
     for mode in args.modes:
-        key = ('gluonq', mode)
-        try:
-            runs, conv[key], reports[mode] = gluonq_variants(
-                net, calib, mode, task.shape,
-                os.path.join(workdir, '%s-gluonq-%s.onnx' % (task.kind, mode)), args.threads)
-        except Exception as err:                                 # noqa: BLE001
-            traceback.print_exc()
-            runs = {r: err for r in GLUONQ_RUNS}
-        for r, fn in runs.items():
-            variants[key + (r,)] = fn
-        print('# %s: gluonq %s converted in %s s' % (task.kind, mode, _fmt_s(conv.get(key))),
-              flush=True)
+        for recipe in args.recipes:
+            label = mode if recipe == 'plain' else '%s, %s' % (mode, recipe)
+            key = ('gluonq', label)
+            try:
+                runs, conv[key], reports[label] = gluonq_variants(
+                    net, calib, mode, task.shape, os.path.join(workdir, '%s-gluonq-%s-%s.onnx'
+                                                               % (task.kind, mode, recipe)),
+                    args.threads, **RECIPES[recipe])
+            except Exception as err:                             # noqa: BLE001
+                traceback.print_exc()
+                runs = {r: err for r in GLUONQ_RUNS}
+            for r, fn in runs.items():
+                variants[key + (r,)] = fn
+            print('# %s: gluonq %s converted in %s s' % (task.kind, label,
+                                                         _fmt_s(conv.get(key))), flush=True)
     for label in args.ort:
         per_channel, method = ORT_CONFIGS[label]
         key = ('ORT quantize_static', label)
@@ -470,6 +485,9 @@ def main(argv=None):
     p.add_argument('--models', default='cls,rec,det')
     p.add_argument('--modes', default=','.join(CALIB_MODES),
                    help='gluonq calib_modes, comma-separated')
+    p.add_argument('--recipes', default='plain',
+                   help='gluonq settings per mode, comma-separated, of: %s (auto: '
+                   "act_scheme='auto'; bc: bias_correction=True)" % ', '.join(RECIPES))
     p.add_argument('--ort', default=','.join(ORT_CONFIGS),
                    help='onnxruntime configurations, comma-separated, of: %s'
                    % ', '.join(ORT_CONFIGS))
@@ -485,6 +503,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.modes = [m for m in args.modes.split(',') if m]
     args.ort = [c for c in args.ort.split(',') if c]
+    args.recipes = [r for r in args.recipes.split(',') if r]
+    if set(args.recipes) - set(RECIPES):
+        p.error('--recipes: unknown %s; known: %s' % (sorted(set(args.recipes) -
+                                                            set(RECIPES)), list(RECIPES)))
     unknown = [c for c in args.ort if c not in ORT_CONFIGS]
     if unknown:
         p.error('--ort: unknown configuration(s) %s; known: %s' % (unknown, list(ORT_CONFIGS)))
