@@ -71,6 +71,9 @@ def _parser():
     cal.add_argument('--exclude', nargs='+', default=[], metavar='PATTERN',
                      help='layer names or glob patterns that stay float')
     cal.add_argument('--batch-size', type=int, default=32)
+    cal.add_argument('--bias-correction', action='store_true',
+                     help="remove each layer's mean int8 error per output channel on the "
+                     'calibration data from its int32 bias (see README, "Calibration")')
     cal.add_argument('--weight-rounding', default='nearest', choices=['nearest', 'adaround'],
                      help="'adaround': learn each weight's rounding direction per layer on "
                      'the calibration data (slower; see gluonq.convert.adaround)')
@@ -378,6 +381,7 @@ def run(args):
                                    num_calib_examples=args.num_calib_examples,
                                    per_channel=not args.per_tensor, act_dtype=args.act_dtype,
                                    act_scheme=args.act_scheme,
+                                   bias_correction=args.bias_correction,
                                    exclude=args.exclude, batch_size=args.batch_size,
                                    calib_options=opts, progress=not args.quiet,
                                    weight_rounding=args.weight_rounding)

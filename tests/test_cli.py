@@ -453,6 +453,29 @@ def test_calib_mode_is_recorded_and_changes_the_ranges(tiny_ckpt, tmp_path):
         assert max(ratios) <= 1 + 1e-6 and min(ratios) < 0.99, (mode, ratios)
 
 
+def test_bias_correction_flag_gives_the_apis_corrected_biases(tiny_ckpt, tmp_path):
+    """``--bias-correction`` converts as ``quantize_net(..., bias_correction=True)`` does: the
+    same int32 biases, which differ from the uncorrected conversion's."""
+    import mnist_models
+    plain, fixed = tmp_path / 'plain', tmp_path / 'fixed'
+    assert cli.main(_argv(tiny_ckpt, plain)) == 0
+    assert cli.main(_argv(tiny_ckpt, fixed, '--bias-correction')) == 0
+    assert 'bias_correction' not in _side(plain)['calibration']
+    assert set(_side(fixed)['calibration']['bias_correction']) == \
+        {s['name'] for s in _layer_steps(_side(fixed))}
+    net = mnist_models.build('tiny')
+    net.load_parameters(str(tiny_ckpt / 'tiny.params'))
+    x = np.load(str(tiny_ckpt / 'calib.npz'))['x']
+    api = gluonq.quantize_net(net, x[:512], bias_correction=True, progress=False)
+    loaded = {p: gluonq.load_quantized(str(p)) for p in (plain, fixed)}
+
+    def biases(q):
+        return [q._children[s['name']].bias.data().asnumpy() for s in _layer_steps(q.spec)]
+    for got, want in zip(biases(loaded[fixed]), biases(api)):
+        np.testing.assert_array_equal(got, want)
+    assert any(np.any(a != b) for a, b in zip(biases(loaded[fixed]), biases(loaded[plain])))
+
+
 def test_exports_report_eval_and_overwrite(tiny_ckpt, tmp_path):
     out = tmp_path / 'q'
     argv = _argv(tiny_ckpt, out, '--export-fast', str(tmp_path / 'fast'), '--export-compact',
