@@ -180,20 +180,57 @@ def test_rec_converts_runs_and_keeps_exact_match(tmp_path):
     assert all(drop <= 0.5 for drop, _, _ in got.values()), got   # (drop, lost, gained)
 
 
-def test_det_converts_runs_and_keeps_box_f1(tmp_path):
+@pytest.fixture(scope='module')
+def det_case():
     h, w = DET_SIZE
     shape = (3, h, w)
-    net, _ = imported('det', shape)
+    net, path = imported('det', shape)
     calib, _ = ocr_data.det_batch(DET_CALIB, CALIB_SEED, h, w)
     x, masks = ocr_data.det_batch(DET_TEST, TEST_SEED, h, w)
     truth = masks[:, None].astype(np.float32)           # the rendered text lines' boxes
     fp32 = batched(lambda b: net(mx.nd.array(b)).asnumpy(), x, 4)
-    ref = ocr_data.det_counts(fp32, truth)
+    return {'net': net, 'path': path, 'shape': shape, 'calib': calib, 'x': x,
+            'truth': truth, 'fp32': fp32}
+
+
+def _box_f1(c, out):
+    return ocr_data.det_scores(ocr_data.det_counts(out, c['truth']))['f1']
+
+
+def test_det_converts_runs_and_keeps_box_f1(det_case, tmp_path):
+    c = det_case
+    ref = ocr_data.det_counts(c['fp32'], c['truth'])
     ref_f1 = ocr_data.det_scores(ref)['f1']
     assert ref['n_ref'] >= 200 and ref_f1 >= 80          # fp32 finds the lines
-    qnet = gluonq.quantize_net(net, calib, calib_mode='naive', progress=False)
-    outs = every_run(qnet, x, 4, shape, str(tmp_path))
-    assert all(outs[run].shape == fp32.shape for run in RUNS)
-    got = {run: ocr_data.det_scores(ocr_data.det_counts(outs[run], truth))['f1']
-           for run in RUNS}
+    qnet = gluonq.quantize_net(c['net'], c['calib'], calib_mode='naive', progress=False)
+    outs = every_run(qnet, c['x'], 4, c['shape'], str(tmp_path))
+    assert all(outs[run].shape == c['fp32'].shape for run in RUNS)
+    got = {run: _box_f1(c, outs[run]) for run in RUNS}
+    assert all(f1 >= ref_f1 - 1.0 for f1 in got.values()), (got, ref_f1)
+
+
+def test_det_affine_with_bias_correction_beats_onnxruntime(det_case, tmp_path):
+    """README's recipe for hardswish networks, ``act_scheme='auto'`` with bias correction:
+    a higher probability-map SQNR than onnxruntime's own ``quantize_static`` model and than
+    gluonq's plain conversion on the same calibration pages, and the box F1 bar, eager and
+    on the fast path (measured on VNNI: 20.8 against 14.9 and 16.9 dB)."""
+    c = det_case
+    qs = ort_quantize_static(c['path'], os.path.join(str(tmp_path), 'qs.onnx'), c['calib'],
+                             pre_process_options={'auto_merge': True})
+    sess = session(qs)
+    name = sess.get_inputs()[0].name
+    ort_sqnr = quant.sqnr_db(c['fp32'], batched(lambda b: sess.run(None, {name: b})[0],
+                                                c['x'], 4))
+    sqnr = {}
+    for label, kw in (('plain', {}), ('auto+bc', {'act_scheme': 'auto',
+                                                   'bias_correction': True})):
+        qnet = gluonq.quantize_net(c['net'], c['calib'], calib_mode='naive', progress=False,
+                                   **kw)
+        eager = batched(lambda b: qnet(mx.nd.array(b)).asnumpy(), c['x'], 4)
+        sqnr[label] = quant.sqnr_db(c['fp32'], eager)
+    qnet.hybridize()
+    fast = batched(lambda b: qnet(mx.nd.array(b)).asnumpy(), c['x'], 4)
+    ref_f1 = _box_f1(c, c['fp32'])
+    got = {'eager': _box_f1(c, eager), 'fast': _box_f1(c, fast)}
+    assert sqnr['auto+bc'] > max(ort_sqnr, sqnr['plain']), (sqnr, ort_sqnr)
     assert all(f1 >= ref_f1 - 1.0 for f1 in got.values()), (got, ref_f1)
