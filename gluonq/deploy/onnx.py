@@ -1218,19 +1218,15 @@ def preadd_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
             w = block.weight.data().astype('float32')
             if hasattr(block, '_kwargs'):
                 acc = mx.nd.Convolution(xf, w, no_bias=True, **block._kwargs)
-                axis = 1
-            else:       # units on the last axis (a dense layer on sequences keeps 3-d)
+            else:
                 acc = mx.nd.FullyConnected(xf, w, no_bias=True, num_hidden=w.shape[0],
                                            flatten=block._flatten)
-                axis = acc.ndim - 1
             acc = acc.asnumpy().astype(np.float64)
-            shape = [1] * acc.ndim
-            shape[axis] = -1
+            bshape = block._channel_bcast_shape()       # units on axis 1, or last on sequences
             if block.bias is not None:
-                acc += block.bias.data().asnumpy().astype(np.float64).reshape(shape)
-            s_w = block.weight_scale.data().asnumpy().astype(np.float64)
-            c = acc * float(block._in_q.scale) * np.broadcast_to(
-                s_w.reshape(-1), (acc.shape[axis],)).reshape(shape)
+                acc += block.bias.data().asnumpy().astype(np.float64).reshape(bshape)
+            s_w = block.weight_scale.data().asnumpy().astype(np.float64)   # per unit or one
+            c = acc * float(block._in_q.scale) * s_w.reshape(bshape)
             observers[s['name']].observe(c.astype(np.float32))
     out = {}
     for name, obs in observers.items():
