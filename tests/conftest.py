@@ -31,6 +31,32 @@ def pytest_configure(config):
         'DNNL_MAX_CPU_ISA=AVX512_CORE where the CPU has VNNI')
 
 
-def pytest_report_header(config):
+def _cpu():
+    """The CPU model and its int8-relevant ISA flags, from /proc/cpuinfo (Linux)."""
+    try:
+        info = open('/proc/cpuinfo').read()
+    except OSError:
+        return 'unknown'
+    model = next((ln.split(':', 1)[1].strip() for ln in info.splitlines()
+                  if ln.startswith('model name')), 'unknown')
+    flags = set(next((ln.split(':', 1)[1].split() for ln in info.splitlines()
+                      if ln.startswith('flags')), []))
+    isa = [f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_int8')
+           if f in flags]
+    return '%s (%s), %d logical CPUs' % (model, ' '.join(isa), os.cpu_count())
+
+
+def _machine():
     from gluonq import lower
-    return 'oneDNN int8 kernels exact (VNNI): %s' % lower.int8_kernels_exact()
+    return ['CPU: %s' % _cpu(),
+            'oneDNN int8 kernels exact (VNNI): %s' % lower.int8_kernels_exact()]
+
+
+def pytest_report_header(config):
+    return _machine()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # the header is hidden under -q (the README's command); CI logs keep the tail
+    for line in _machine():
+        terminalreporter.write_line(line)
