@@ -11,6 +11,7 @@ import mxnet as mx
 import numpy as np
 
 from . import quant
+from .arrays import to_numpy
 from .calibration.collect import as_batches
 from .convert.convert import trace_and_fold
 from .convert.replay import float_tensors
@@ -60,8 +61,8 @@ def compare(float_net, qnet, data, num_examples=64):
                'max_abs_err': float(np.abs(ref - got).max()), 'weight_sqnr_db': None}
         if step['block'] in _LAYER_BLOCKS:
             block = qnet._children[step['name']]
-            w = block.weight.data().asnumpy().astype(np.float32)
-            s = block.weight_scale.data().asnumpy()
+            w = to_numpy(block.weight, np.float32)
+            s = to_numpy(block.weight_scale)
             wq = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
             node = graph.nodes[step['node']]
             wf = graph.params[graph.param_of(node, 1)]

@@ -1,6 +1,8 @@
 """The shape of the package, read from its source with ``ast`` (nothing of gluonq is
 imported): no import cycle among gluonq's modules, ``gluonq/convert/`` knows nothing of
-deployment, and no class is longer than 250 lines.
+deployment, no class is longer than 250 lines, and parameters are read into numpy only
+through ``gluonq.arrays.to_numpy`` (MXNet's in-place weight reorder can race a plain
+``asnumpy()``; see that module).
 
 The import graph has an edge from module A to module B when A imports B anywhere (module
 level or inside a function): ``import gluonq.x.y`` and ``from gluonq.x import y`` (relative
@@ -151,3 +153,18 @@ def test_no_class_is_longer_than_250_lines():
             if isinstance(node, ast.ClassDef) and
             node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES]
     assert not long, long
+
+
+def _asnumpy_of_data(node):
+    """True for a call ``<x>.data(...).asnumpy()``: a parameter read past to_numpy."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and
+            node.func.attr == 'asnumpy' and isinstance(node.func.value, ast.Call) and
+            isinstance(node.func.value.func, ast.Attribute) and
+            node.func.value.func.attr == 'data')
+
+
+def test_parameters_are_read_through_to_numpy():
+    reads = ['%s:%d' % (MODULES[name][0], node.lineno)
+             for name, tree in sorted(TREES.items()) if name != 'gluonq.arrays'
+             for node in ast.walk(tree) if _asnumpy_of_data(node)]
+    assert not reads, 'parameter reads that bypass gluonq.arrays.to_numpy: %s' % reads

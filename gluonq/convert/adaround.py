@@ -41,6 +41,7 @@ import mxnet as mx
 import numpy as np
 
 from .. import quant
+from ..arrays import to_numpy
 from .replay import LAYER_BLOCKS, bias_scale, int32_bias, real_input, replay, subset
 
 __all__ = ['adaround', 'round_layer', 'NUM_EXAMPLES', 'ITERS', 'MAX_ROWS', 'BATCH_ROWS',
@@ -268,14 +269,14 @@ def adaround(qnet, values, batches, iters=ITERS, max_rows=MAX_ROWS, seed=0):
                      max_rows, rng)
         vals = values[step['name']]
         w = np.asarray(vals['weight'], np.float32)
-        q0 = block.weight.data().asnumpy()
+        q0 = to_numpy(block.weight)
         c = q0.shape[0]
         db, b_q = np.zeros(c), None
         if block.bias is not None:
             b_q = int32_bias(block)
             b_f = np.zeros(c) if vals['bias'] is None else np.asarray(vals['bias'], np.float64)
             db = b_q * bias_scale(step, block) - b_f
-        q, (mse0, mse) = round_layer(w, q0, block.weight_scale.data().asnumpy(), rows, db,
+        q, (mse0, mse) = round_layer(w, q0, to_numpy(block.weight_scale), rows, db,
                                      rng, iters)
         if q is not q0:
             block.weight.set_data(mx.nd.array(q, dtype=np.int8))

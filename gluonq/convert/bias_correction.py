@@ -26,6 +26,7 @@ import mxnet as mx
 import numpy as np
 
 from .. import quant
+from ..arrays import to_numpy
 from .replay import (LAYER_BLOCKS, bias_scale, float_layer, float_tensors, int32_bias,
                      int8_layer, real_input, replay, subset)
 
@@ -91,7 +92,7 @@ def correct_biases(qnet, graph, batches):
                                    for x in inputs]) - float_means[step['name']]
         scale = bias_scale(step, block)
         b_q = int32_bias(block).astype(np.float64)
-        w_q = block.weight.data().asnumpy()
+        w_q = to_numpy(block.weight)
         z = block.in_zero_point
         headroom = quant.bias_headroom(w_q, step['config']['in_dtype'], z)
         new = quant.quantize_bias(b_q - err / scale, 1.0, 1.0, headroom)   # in int32 steps

@@ -15,6 +15,8 @@ from collections import OrderedDict
 import mxnet as mx
 import numpy as np
 
+from ..arrays import to_numpy
+
 __all__ = ['Node', 'Graph', 'trace', 'edge_key', 'parse_tuple']
 
 
@@ -105,8 +107,7 @@ class Graph:
                                      'network input (%s) nor a parameter of the network'
                                      % (n.name, ', '.join(input_names)))
                 v = params[n.name]
-                values[n.name] = np.array(v.asnumpy() if hasattr(v, 'asnumpy') else v,
-                                          dtype=np.float32)
+                values[n.name] = np.array(to_numpy(v), dtype=np.float32)
         return cls(nodes, input_names, outputs, values)
 
     # -- queries --------------------------------------------------------------------------

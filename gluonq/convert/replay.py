@@ -13,6 +13,7 @@ import mxnet as mx
 import numpy as np
 
 from .. import quant
+from ..arrays import to_numpy
 from ..nn import QTensor, as_qtensor
 
 __all__ = ['LAYER_BLOCKS', 'replay', 'float_tensors', 'subset', 'real_input', 'float_layer',
@@ -109,8 +110,8 @@ def float_layer(step, x, weight, bias):
 def int8_layer(step, block):
     """``(weight, bias)`` as real values: the int8 weights times their scales and the int32
     bias at ``s_in * s_w`` (bias None for a layer without one)."""
-    q = block.weight.data().asnumpy().astype(np.float64)
-    s_w = block.weight_scale.data().asnumpy().astype(np.float64)
+    q = to_numpy(block.weight, np.float64)
+    s_w = to_numpy(block.weight_scale, np.float64)
     w = (q * s_w.reshape((-1,) + (1,) * (q.ndim - 1))).astype(np.float32)
     if block.bias is None:
         return w, None
@@ -121,10 +122,10 @@ def int8_layer(step, block):
 def int32_bias(block):
     """A static layer's int32 bias at ``s_in * s_w`` without its folded zero point term
     (int64 numpy)."""
-    b = block.bias.data().asnumpy().astype(np.int64)
+    b = to_numpy(block.bias, np.int64)
     z = block.in_zero_point
     if z:
-        w = block.weight.data().asnumpy().astype(np.int64)
+        w = to_numpy(block.weight, np.int64)
         b = b + z * w.reshape(len(w), -1).sum(axis=1)
     return b
 
@@ -134,7 +135,7 @@ def bias_scale(step, block):
     cfg = step['config']
     s_in = quant.QParams(cfg['in_dtype'], *cfg['in_range'],
                          cfg.get('in_scheme', 'symmetric')).scale
-    s_w = block.weight_scale.data().asnumpy().astype(np.float64)
+    s_w = to_numpy(block.weight_scale, np.float64)
     return np.float64(s_in) * np.broadcast_to(s_w, (block.weight.shape[0],))
 
 

@@ -104,6 +104,7 @@ import mxnet as mx
 import numpy as np
 
 from .. import quant
+from ..arrays import to_numpy
 from ..convert.qnet import QuantizedNet
 from ..nn import QTensor
 from ..nn import _base as qbase
@@ -596,7 +597,7 @@ class _Context:
 
     def block_param(self, p):
         """Variable of a gluonq block's parameter (integers are stored as float32 and cast)."""
-        v = p.data().asnumpy()
+        v = to_numpy(p)
         if v.dtype == np.float32:
             if p.name not in self.params:
                 self.params[p.name] = v
@@ -1130,11 +1131,11 @@ def _layer_operands(ctx, step, block):
     if x.zp and is_conv and any(block._kwargs['pad']):
         x = _pad_zero_point(ctx, x, block._kwargs['pad'])
     params = {k[len(block.params.prefix):]: p for k, p in block.params.items()}
-    q = params['weight'].data().asnumpy()
+    q = to_numpy(params['weight'])
     C = q.shape[0]
-    s_w = np.broadcast_to(params['weight_scale'].data().asnumpy().astype(f32).reshape(-1),
+    s_w = np.broadcast_to(to_numpy(params['weight_scale'], f32).reshape(-1),
                           (C,)).astype(f32)
-    b_q = params['bias'].data().asnumpy().astype(np.int64) if 'bias' in params else None
+    b_q = to_numpy(params['bias'], np.int64) if 'bias' in params else None
     return x, residual, q, s_w, b_q
 
 

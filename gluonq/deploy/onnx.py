@@ -75,6 +75,7 @@ import json
 import numpy as np
 
 from .. import quant
+from ..arrays import to_numpy
 from ..atomic import atomic_outputs
 from ..convert.qnet import QuantizedNet, _find_op
 from .registry import Registry
@@ -486,7 +487,7 @@ def _layer(b, step, block):
     the (rows, in_units) view of the integers, reshaped back after."""
     _check_static(step, block)
     name = step['name']
-    params = {k[len(block.params.prefix):]: v.data().asnumpy()
+    params = {k[len(block.params.prefix):]: to_numpy(v)
               for k, v in block.params.items()}
     x = b.as_q(step['inputs'][0], step)
     qp_in = block._in_q
@@ -1022,7 +1023,7 @@ def _reduce_mean(b, x, out, axes, keepdims):
 def _param_inits(b, step, block):
     """``{input position: initializer name}`` of a FloatOp's parameters."""
     return {pos: b.const(step['name'] + '/' + pname,
-                         block._reg_params[pname].data().asnumpy().astype(np.float32))
+                         to_numpy(block._reg_params[pname], np.float32))
             for pos, pname in block._param_pos}
 
 
@@ -1224,8 +1225,8 @@ def preadd_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
             acc = acc.asnumpy().astype(np.float64)
             bshape = block._channel_bcast_shape()       # units on axis 1, or last on sequences
             if block.bias is not None:
-                acc += block.bias.data().asnumpy().astype(np.float64).reshape(bshape)
-            s_w = block.weight_scale.data().asnumpy().astype(np.float64)   # per unit or one
+                acc += to_numpy(block.bias, np.float64).reshape(bshape)
+            s_w = to_numpy(block.weight_scale, np.float64)   # per unit or one
             c = acc * float(block._in_q.scale) * s_w.reshape(bshape)
             observers[s['name']].observe(c.astype(np.float32))
     out = {}

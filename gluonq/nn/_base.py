@@ -9,6 +9,7 @@ import numpy as np
 from mxnet.gluon import HybridBlock, Parameter
 
 from .. import quant
+from ..arrays import to_numpy
 from ..init import IntZero, is_int_safe
 
 __all__ = ['QTensor', 'as_qtensor', 'IntParameter', 'QuantizedBlock', 'QuantizedLayer']
@@ -311,7 +312,7 @@ class QuantizedLayer(QuantizedBlock):
         stores the bias as int32 at ``s_in * s_w``, less ``z * sum(q_w)`` for an affine
         input with zero point ``z``. Arrays may be numpy or NDArray.
         """
-        w = weight.asnumpy() if hasattr(weight, 'asnumpy') else np.asarray(weight, np.float32)
+        w = to_numpy(weight, np.float32)
         q, scale = quant.quantize_weight(w, per_channel=self._per_channel)
         if self.weight.shape is not None and any(s not in (0, t) for s, t in
                                                   zip(self.weight.shape, q.shape)):
@@ -322,7 +323,7 @@ class QuantizedLayer(QuantizedBlock):
         self._set(self.weight_scale, scale)
         if self._use_bias:
             b = np.zeros(self._units, np.float32) if bias is None else \
-                (bias.asnumpy() if hasattr(bias, 'asnumpy') else np.asarray(bias, np.float32))
+                to_numpy(bias, np.float32)
             if self.is_static:
                 z = self._in_q.zero_point
                 b = quant.quantize_bias(b, self._in_q.scale, scale,

@@ -5,6 +5,7 @@ import mxnet as mx
 import numpy as np
 
 from .. import quant
+from ..arrays import to_numpy
 from ._base import QTensor, QuantizedBlock, QuantizedLayer, _check_range, as_qtensor
 
 __all__ = ['QuantizedDense', 'QuantizedActivation', 'QuantizedFlatten', 'Quantize', 'Dequantize']
@@ -98,7 +99,7 @@ class QuantizedDense(QuantizedLayer):
             raise TypeError('QuantizedDense.from_float needs an nn.Dense, got %s'
                             % type(dense).__name__)
         kwargs.setdefault('activation', dense.act._act_type if dense.act is not None else None)
-        weight = dense.weight.data().asnumpy()
+        weight = to_numpy(dense.weight)
         layer = cls(dense._units, use_bias=dense.bias is not None,
                     flatten=dense._flatten, in_units=weight.shape[1], in_range=in_range,
                     out_range=out_range, **kwargs)

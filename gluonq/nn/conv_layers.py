@@ -6,6 +6,7 @@ import numpy as np
 from mxnet.base import numeric_types
 
 from .. import quant
+from ..arrays import to_numpy
 from ._base import QuantizedLayer
 
 __all__ = ['QuantizedConv1D', 'QuantizedConv2D', 'QuantizedConv3D']
@@ -122,7 +123,7 @@ class _QuantizedConv(QuantizedLayer):
             raise TypeError('%s.from_float needs an nn.Conv%dD, got %s'
                             % (cls.__name__, nd, type(conv).__name__))
         k = conv._kwargs
-        weight = conv.weight.data().asnumpy()
+        weight = to_numpy(conv.weight)
         kwargs.setdefault('activation', conv.act._act_type if conv.act is not None else None)
         layer = cls(k['num_filter'], k['kernel'], strides=k['stride'], padding=k['pad'],
                     dilation=k['dilate'], groups=k['num_group'], layout=k['layout'],
