@@ -17,6 +17,7 @@ from gluonq import cli
 import mnist_models as M
 import reference as ref
 from test_affine import _HardSwishNet
+from param_values import value
 
 LAYERS = ('QuantizedConv2D', 'QuantizedDense')
 
@@ -73,9 +74,9 @@ def _inputs(qnet, x):
 
 def _weights(qnet, step):
     blk = qnet._children[step['name']]
-    return (blk.weight.data().asnumpy().astype(np.int64),
-            blk.weight_scale.data().asnumpy().astype(np.float64),
-            blk.bias.data().asnumpy().astype(np.int64))
+    return (value(blk.weight).astype(np.int64),
+            value(blk.weight_scale).astype(np.float64),
+            value(blk.bias).astype(np.int64))
 
 
 def _rederives(q, s):
@@ -103,7 +104,7 @@ def test_integers_are_floor_or_ceil_and_layer_mse_does_not_grow(seed, depthwise)
     record = ada.spec['calibration']['weight_rounding']
     assert 'weight_rounding' not in near.spec['calibration']
     assert record['method'] == 'adaround' and record['iters'] == 60
-    params = {k: v.data().asnumpy().astype(np.float64) for k, v in
+    params = {k: value(v).astype(np.float64) for k, v in
               net.collect_params().items()}
     seen = _inputs(ada, x)
     for step in _layer_steps(ada):

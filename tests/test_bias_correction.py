@@ -17,6 +17,7 @@ from gluonq.convert.bias_correction import NUM_EXAMPLES
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'examples'))
 import mnist_models as M  # noqa: E402
+from param_values import value  # noqa: E402
 
 
 def _mlp(seed, in_units, hidden, out_units):
@@ -50,7 +51,7 @@ def test_output_channel_means_are_corrected(seed, hidden, out_units, per_channel
         err[name] = (q(mx.nd.array(x[:NUM_EXAMPLES])).asnumpy() - y).mean(axis=0)
     step = [s for s in after.spec['steps'] if s['block'] == 'QuantizedDense'][-1]
     s_in = quant.QParams(step['config']['in_dtype'], *step['config']['in_range']).scale
-    s_w = after._children[step['name']].weight_scale.data().asnumpy().astype(np.float64)
+    s_w = value(after._children[step['name']].weight_scale).astype(np.float64)
     half_step = 0.5 * s_in * s_w
     tol = 1e-5 * np.abs(y).max()
     assert np.all(np.abs(err['after']) <= half_step + tol)
@@ -60,13 +61,13 @@ def test_output_channel_means_are_corrected(seed, hidden, out_units, per_channel
                            if s['block'] == 'QuantizedDense'}
     assert 'bias_correction' not in before.spec['calibration']
     # the whole change is in the int32 bias, at the same scale
-    b0 = before._children[step['name']].bias.data().asnumpy().astype(np.int64)
-    b1 = after._children[step['name']].bias.data().asnumpy().astype(np.int64)
+    b0 = value(before._children[step['name']].bias).astype(np.int64)
+    b1 = value(after._children[step['name']].bias).astype(np.int64)
     assert after._children[step['name']].bias.dtype == np.int32
     np.testing.assert_allclose(shifts[step['name']], np.abs((b1 - b0) * s_in * s_w).max())
     for k in ('weight', 'weight_scale'):
-        np.testing.assert_array_equal(getattr(before._children[step['name']], k).data().asnumpy(),
-                                      getattr(after._children[step['name']], k).data().asnumpy())
+        np.testing.assert_array_equal(value(getattr(before._children[step['name']], k)),
+                                      value(getattr(after._children[step['name']], k)))
 
 
 def test_corrected_net_reference_chain_equals_fast_path(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from gluonq import nn as qnn
 
 import reference as ref
+from param_values import value
 
 
 def _float_dense(rng, units, in_units, act=None, use_bias=True, flatten=True):
@@ -36,7 +37,7 @@ def _float_conv(rng, nd, cin, cout, k, stride, pad, dilate, groups, act=None, us
 
 def _params(f):
     """Float weight and bias of a float twin (what the reference starts from)."""
-    return f.weight.data().asnumpy(), None if f.bias is None else f.bias.data().asnumpy()
+    return value(f.weight), None if f.bias is None else value(f.bias)
 
 
 def _input(rng, shape, dtype, top=2.0):

@@ -13,6 +13,7 @@ import gluonq
 from gluonq import cli, quant
 
 import mnist_models as M
+from param_values import value
 
 
 @pytest.fixture(scope='module')
@@ -165,7 +166,7 @@ def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
     layers = 0
     for t in model.graph.initializer:
         if t.name.endswith('/weight'):
-            w = qnet._children[t.name[:-len('/weight')]].weight.data().asnumpy()
+            w = value(qnet._children[t.name[:-len('/weight')]].weight)
             got_w = numpy_helper.to_array(t).astype(np.int16)
             np.testing.assert_array_equal(got_w - (128 if weights == 'uint8' else 0), w)
             layers += 1
@@ -179,9 +180,9 @@ def test_onnx_export_from_the_command_line(tiny_ckpt, tmp_path, weights):
     if weights == 'uint8' or gonnx.ort_u8s8_exact():
         # one step of the classifier's input moves a logit by at most s_x * max|s_w q_w|
         fc = qnet._children[qnet.spec['steps'][-1]['name']]
-        w = fc.weight.data().asnumpy().astype(np.float64)
+        w = value(fc.weight).astype(np.float64)
         step = float(fc._in_q.scale) * np.abs(
-            w * fc.weight_scale.data().asnumpy()[:, None]).sum(1)
+            w * value(fc.weight_scale)[:, None]).sum(1)
         assert (np.abs(got - ref) <= 3 * step[None] + 1e-4 * np.abs(ref).max()).all()
 
 
@@ -470,7 +471,7 @@ def test_bias_correction_flag_gives_the_apis_corrected_biases(tiny_ckpt, tmp_pat
     loaded = {p: gluonq.load_quantized(str(p)) for p in (plain, fixed)}
 
     def biases(q):
-        return [q._children[s['name']].bias.data().asnumpy() for s in _layer_steps(q.spec)]
+        return [value(q._children[s['name']].bias) for s in _layer_steps(q.spec)]
     for got, want in zip(biases(loaded[fixed]), biases(api)):
         np.testing.assert_array_equal(got, want)
     assert any(np.any(a != b) for a, b in zip(biases(loaded[fixed]), biases(loaded[plain])))

@@ -15,6 +15,7 @@ from gluonq.convert import trace_and_fold
 from gluonq.export import CheckpointError
 
 import mnist_models as M
+from param_values import value
 
 
 class Branchy(nn.HybridBlock):
@@ -222,7 +223,7 @@ def _zoo_failure_report(net, q, x, yf, yq):
     int8 run repeatable, is the conversion, and which step loses the signal first."""
     again = q(mx.nd.array(x)).asnumpy()
     q2 = gluonq.quantize_net(net, x, progress=False)
-    same_conversion = all(np.array_equal(a.data().asnumpy(), b.data().asnumpy()) for a, b in
+    same_conversion = all(np.array_equal(value(a), value(b)) for a, b in
                           zip(q.collect_params().values(), q2.collect_params().values()))
     rows = debug.compare(net, q, x, num_examples=len(x))
     low = [r for r in rows if r['sqnr_db'] < 10][:8]

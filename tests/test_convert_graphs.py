@@ -13,6 +13,7 @@ import gluonq
 from gluonq import lower, quant
 from gluonq.convert import trace_and_fold
 from gluonq.convert.graph import trace
+from param_values import value
 
 
 def _hswish(F, x):
@@ -409,7 +410,7 @@ def test_lstm_default_state_converts_for_any_batch_size(hybridize):
     dense = [b for b in q._children.values() if type(b).__name__ == 'QuantizedDense']
     assert len(dense) == 1
     s_x = float(dense[0]._in_q.max) / 127
-    w = net.fc.weight.data().asnumpy().astype(np.float64)          # (4, 16)
+    w = value(net.fc.weight).astype(np.float64)          # (4, 16)
     s_w = np.abs(w).max(axis=1) / 127
     for n in (1, 3, 8):
         h = net.lstm(mx.nd.array(x[:n])).asnumpy().astype(np.float64)   # (n, 5, 16)

@@ -29,6 +29,7 @@ from gluonq import quant
 from gluonq.convert.qnet import QuantizedNet
 
 import mnist_models as M
+from param_values import value
 
 f32 = np.float32
 #: does this CPU run oneDNN's int8 kernels exactly (VNNI)?
@@ -155,7 +156,7 @@ def _np_layer(qnet, step, ins, vnni=True, low=None):
     Returns ``(q, y)``: the int8/uint8 output and the float32 value it rounds.
     """
     block = qnet._children[step['name']]
-    p = {k[len(block.params.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
+    p = {k[len(block.params.prefix):]: value(v) for k, v in block.params.items()}
     if step['block'] == 'QuantizedDense':
         acc = quant.onednn_dense_np(ins[0], p['weight'], vnni)
         shape = (1, -1)
@@ -437,7 +438,7 @@ def test_pin_fused_sum_is_a_fused_multiply_add():
         ins = [vals[k] for k in st['inputs']]
         q_ref, _ = _np_layer(qnet, st, ins, VNNI, low)
         # the fused model: the residual product is not rounded before the add
-        p = {k[len(block.params.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
+        p = {k[len(block.params.prefix):]: value(v) for k, v in block.params.items()}
         k = block._kwargs
         halved = _halved(low, st) if not VNNI and ins[0].dtype == np.int8 else None
         acc = quant.onednn_conv_np(ins[0], p['weight'], k['stride'], k['pad'], k['dilate'],

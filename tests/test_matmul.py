@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gluonq import nn as qnn
+from param_values import value
 
 Q = {'int8': 127, 'uint8': 255}
 BOUNDS = {'int8': (-128, 127), 'uint8': (0, 255)}
@@ -46,7 +47,7 @@ def model(block, a, b):
     """numpy result of ``block(a, b)``: float32 array, or ``(q, lo, hi)``.
 
     ``a``/``b`` are float32 arrays, or ``(q, lo, hi)`` tuples for QTensor operands."""
-    p = {k[len(block.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
+    p = {k[len(block.prefix):]: value(v) for k, v in block.params.items()}
     ops, invs = [], []
     for which, x in (('a', a), ('b', b)):
         dtype = block.in_dtypes['ab'.index(which)]
@@ -422,5 +423,5 @@ def test_attention_onnx_runs_int8_in_onnxruntime(tmp_path):
     assert 'MatMulIntegerToFloat' in ops and 'QLinearMatMul' in ops and 'MatMul' not in ops
     dot1 = [r['step'] for r in qnet.report if r['op'] == 'batch_dot'][1]
     s_y = float(qnet._children[dot1]._out_q.scale)
-    bound = s_y * np.abs(net.out.weight.data().asnumpy()).sum(1) * 1.01 + 1e-5 * np.abs(g).max()
+    bound = s_y * np.abs(value(net.out.weight)).sum(1) * 1.01 + 1e-5 * np.abs(g).max()
     assert np.all(np.abs(got - g) <= bound)

@@ -27,6 +27,7 @@ import gluonq.deploy.onnx as gonnx                              # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'examples'))
 import mnist_models as M                                        # noqa: E402
+from param_values import value  # noqa: E402
 
 N_TEST = 64
 #: the weight type whose ONNX integers are exact on this CPU: int8 (U8S8, the default and
@@ -220,8 +221,8 @@ def _classifier_bound(qnet, g, res, names):
     gd = 'uint8' if g[xin].dtype == np.uint8 else 'int8'
     dq = np.abs(_unshift(res[names[xin]], gd) - g[xin].astype(np.int32)).astype(np.float64)
     dq = dq.reshape(dq.shape[0], -1)
-    w = np.abs(block.weight.data().asnumpy().astype(np.float64))
-    s_w = block.weight_scale.data().asnumpy().astype(np.float64)
+    w = np.abs(value(block.weight).astype(np.float64))
+    s_w = value(block.weight_scale).astype(np.float64)
     return float(block._in_q.scale) * s_w * (dq @ w.T) + 1e-5 * np.abs(g[out]) + 1e-6
 
 
@@ -239,7 +240,7 @@ def _avg_pool_exact(block, q):
 def _layer_exact_value(block, qx):
     """float64 value before rounding of a quantized layer's output, from an exact int64
     accumulator and the block's own parameters and ranges (independent of ONNX)."""
-    p = {k[len(block.params.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
+    p = {k[len(block.params.prefix):]: value(v) for k, v in block.params.items()}
     k = getattr(block, '_kwargs', None)
     z = block.in_zero_point             # affine input: padding holds z (the bias -z sum w)
     if k is not None:                       # convolution: channels on axis 1
@@ -293,16 +294,16 @@ def test_model_structure_and_initializers(tiny):
         block = tiny._children[step['name']]
         w = inits[step['name'] + '/weight']
         assert w.dtype == np.int8
-        np.testing.assert_array_equal(w, block.weight.data().asnumpy())
+        np.testing.assert_array_equal(w, value(block.weight))
         b = inits[step['name'] + '/bias']
         assert b.dtype == np.int32
         # ONNX subtracts an affine input's zero point itself: the bias without the folded
         # term -z * sum(q_w) that gluonq's int32 bias holds
-        want = block.bias.data().asnumpy().astype(np.int64) + block.in_zero_point * \
-            block.weight.data().asnumpy().astype(np.int64).reshape(len(w), -1).sum(axis=1)
+        want = value(block.bias).astype(np.int64) + block.in_zero_point * \
+            value(block.weight).astype(np.int64).reshape(len(w), -1).sum(axis=1)
         np.testing.assert_array_equal(b, want)
         s = inits[step['name'] + '/weight_scale']
-        s_gq = block.weight_scale.data().asnumpy()
+        s_gq = value(block.weight_scale)
         assert s.dtype == np.float32 and s.shape == s_gq.shape
         np.testing.assert_allclose(s, s_gq, rtol=2e-6)
         dq = next(n for n in g.node if n.input and n.input[0] == step['name'] + '/weight')
@@ -332,7 +333,7 @@ def test_ort_multiplier_equals_gluonq(tiny):
         inv_out = quant.inv_scale_np(block._out_q.min, block._out_q.max, block._out_q.dtype)
         m = quant.requantize_multiplier_np(inv_out, block._in_q.inv_scale,
                                            quant.weight_inv_scale_np(
-                                               block.weight_scale.data().asnumpy()))
+                                               value(block.weight_scale)))
         ulps = np.abs(ort_m.view(np.int32).astype(np.int64) - m.view(np.int32))
         assert ulps.max() <= 1
         exact += int((ulps == 0).sum())

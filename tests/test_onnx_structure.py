@@ -33,6 +33,7 @@ from gluonq.openvino import runtime_precisions                  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))
 from bench_onnx import export_fp32, ort_quantize_static       # noqa: E402
+from param_values import value  # noqa: E402
 
 #: the weight type whose onnxruntime integers are exact on this CPU (see test_onnx.py)
 WEIGHTS = 'int8' if gonnx.ort_u8s8_exact() else 'uint8'
@@ -220,7 +221,7 @@ def _conv_exact_value(block, qx):
     """float64 value before rounding of a non-residual int8 conv: the exact int64
     accumulator (tests/reference.py) times gluonq's requantize multiplier."""
     import reference as R
-    p = {k[len(block.params.prefix):]: v.data().asnumpy() for k, v in block.params.items()}
+    p = {k[len(block.params.prefix):]: value(v) for k, v in block.params.items()}
     k = block._kwargs
     acc = R.conv_int(qx, p['weight'], k['stride'], k['pad'], k['dilate'], k['num_group'])
     if 'bias' in p:

@@ -10,6 +10,7 @@ import pytest
 
 import gluonq
 from gluonq import nn as qnn
+from param_values import value
 
 
 def _mixed_net():
@@ -28,12 +29,12 @@ def test_initialize_defaults_and_global_xavier():
     layer = qnn.QuantizedConv2D(4, 3, in_channels=2)
     layer.initialize()                                  # no arguments
     assert layer.weight.data().dtype == np.int8
-    assert not layer.weight.data().asnumpy().any()
+    assert not value(layer.weight).any()
     net = _mixed_net()
     net.initialize(mx.init.Xavier())                    # float sampler for float params only
     y = net(mx.nd.ones((2, 1, 8, 8)))
     assert y.shape == (2, 10) and np.all(np.isfinite(y.asnumpy()))
-    assert net[0].weight.data().asnumpy().std() > 0     # the float conv did get Xavier
+    assert value(net[0].weight).std() > 0     # the float conv did get Xavier
     dense = qnn.QuantizedDense(3)                       # deferred in_units
     dense.initialize(mx.init.Xavier())
     assert dense(mx.nd.ones((2, 5))).shape == (2, 3)
@@ -44,12 +45,12 @@ def test_int_initializers():
     layer = qnn.QuantizedDense(6, in_units=5)
     layer.initialize()
     layer.weight.initialize(gluonq.init.IntUniform(-5, 5), force_reinit=True)
-    w = layer.weight.data().asnumpy()
+    w = value(layer.weight)
     assert w.dtype == np.int8 and w.min() >= -5 and w.max() <= 5 and w.std() > 0
     with pytest.raises(ValueError, match='random samplers are float-only'):
         layer.weight.initialize(mx.init.Xavier(), force_reinit=True)
     layer.weight.initialize(mx.init.Constant(3), force_reinit=True)
-    assert (layer.weight.data().asnumpy() == 3).all()
+    assert (value(layer.weight) == 3).all()
 
 
 def test_set_float_params_quantizes_weights():
@@ -58,9 +59,9 @@ def test_set_float_params_quantizes_weights():
     q = qnn.QuantizedDense(4, in_units=3, in_range=(0, 1))
     q.initialize()
     q.set_float_params(dense.weight.data(), mx.nd.array([0.1, -0.2, 0.3, 0.0]))
-    w, s = q.weight.data().asnumpy(), q.weight_scale.data().asnumpy()
+    w, s = value(q.weight), value(q.weight_scale)
     assert w.dtype == np.int8 and np.abs(w).max() == 127 and np.all(np.abs(w) <= 127)
-    np.testing.assert_allclose(w * s[:, None], dense.weight.data().asnumpy(),
+    np.testing.assert_allclose(w * s[:, None], value(dense.weight),
                                atol=float(s.max()) / 2 * 1.0001)
     assert q.bias.data().dtype == np.int32
     with pytest.raises(ValueError, match='weight of shape'):
@@ -82,7 +83,7 @@ def test_save_load_roundtrip_keeps_int8(tmp_path):
     for (k, a), (_, b) in zip(sorted(net.collect_params().items()),
                               sorted(net2.collect_params().items())):
         assert a.data().dtype == b.data().dtype
-        np.testing.assert_array_equal(a.data().asnumpy(), b.data().asnumpy())
+        np.testing.assert_array_equal(value(a), value(b))
     np.testing.assert_array_equal(net2(x).asnumpy(), y)
 
 

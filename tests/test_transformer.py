@@ -17,6 +17,7 @@ from gluonq import lower as L
 import reference as R
 import mnist_models as M
 import vit_mnist as V
+from param_values import value
 
 N_TEST = 1000
 VNNI = L.int8_kernels_exact()
@@ -268,10 +269,10 @@ def test_dense_on_sequences_lowers_fused_with_gluonq_integers(exact):
         for st, got in zip(steps[:2], outs):
             blk = qnet._children[st['name']]
             qx = env[st['inputs'][0]].data.asnumpy()
-            acc = R.dense_int(qx, blk.weight.data().asnumpy(), flatten=False) + \
-                blk.bias.data().asnumpy().astype(np.int64)
+            acc = R.dense_int(qx, value(blk.weight), flatten=False) + \
+                value(blk.bias).astype(np.int64)
             iq, oq = blk._in_q, blk._out_q
-            inv_w = (np.float32(127.5) / (blk.weight_scale.data().asnumpy() *
+            inv_w = (np.float32(127.5) / (value(blk.weight_scale) *
                                           np.float32(127.5)).astype(np.float32))
             m = ((R.inv_scale(oq.dtype, oq.max) / R.inv_scale(iq.dtype, iq.max)).astype(
                 np.float32) / inv_w).astype(np.float32)
@@ -330,9 +331,9 @@ def test_dense_with_residual_and_float_output_fuses_and_adds_in_float32():
     blk = qnet._children[step['name']]
     qx = env[step['inputs'][0]]
     qr = env[step['inputs'][1]]
-    acc = R.dense_int(qx.data.asnumpy(), blk.weight.data().asnumpy(), flatten=False) + \
-        blk.bias.data().asnumpy().astype(np.int64)
-    inv_w = (np.float32(127.5) / (blk.weight_scale.data().asnumpy() *
+    acc = R.dense_int(qx.data.asnumpy(), value(blk.weight), flatten=False) + \
+        value(blk.bias).astype(np.int64)
+    inv_w = (np.float32(127.5) / (value(blk.weight_scale) *
                                   np.float32(127.5)).astype(np.float32))
     inv_in = R.inv_scale(blk._in_q.dtype, blk._in_q.max)
     if isinstance(qr, gluonq.nn.QTensor):
@@ -466,7 +467,7 @@ def test_dynamic_steps_follow_the_numpy_reference_with_ranges_from_each_batch():
     content give each step other ranges."""
     net = V.build()
     net.initialize(mx.init.Xavier())
-    params = {p.name: p.data().asnumpy() for p in net.collect_params().values()}
+    params = {p.name: value(p) for p in net.collect_params().values()}
     rng = np.random.RandomState(2)
     qnet = gluonq.quantize_dynamic(net, (1, 1, 32, 32))
     assert all(r['kind'].startswith('int8') and 'dynamic' in r['kind'] for r in qnet.report
