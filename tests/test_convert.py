@@ -234,6 +234,23 @@ def _zoo_failure_report(net, q, x, yf, yq):
                debug.format_table(low)))
 
 
+def test_a_layer_after_a_dead_relu_keeps_its_bias():
+    """A ReLU that never fires on the calibration data has the range [0, 0]; the next
+    layer's int32 bias must still hold its float bias, so the int8 net outputs what the
+    float net does (that bias), and the widened range is reported."""
+    net = nn.HybridSequential()
+    net.add(nn.Dense(8, in_units=6, activation='relu'), nn.Dense(3, in_units=8))
+    net.initialize()
+    net[0].weight.set_data(-mx.nd.ones((8, 6)))                  # inputs >= 0: never fires
+    net[1].weight.set_data(mx.nd.array(np.random.RandomState(0).normal(0, 1, (3, 8))))
+    net[1].bias.set_data(mx.nd.array([0.5, -1.0, 2.0]))
+    x = np.random.RandomState(1).rand(32, 6).astype(np.float32)
+    q = gluonq.quantize_net(net, x, progress=False)
+    yf, yq = net(mx.nd.array(x)).asnumpy(), q(mx.nd.array(x)).asnumpy()
+    np.testing.assert_allclose(yq, yf, rtol=0, atol=1e-5 * np.abs(yf).max())
+    assert any('widened' in w for w in q.spec['calibration']['warnings'])
+
+
 def test_symbolblock_import_converts(tmp_path):
     """Users quantize imported models: a SymbolBlock from an export."""
     net = M.build('tiny')

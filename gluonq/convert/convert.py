@@ -214,6 +214,7 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
     qparams = {e: _choose_qparams(o, act_scheme if e in affine_ok else 'symmetric')
                for e, o in zip(observed, observers)}
     warnings = [o.fallback for o in observers if getattr(o, 'fallback', None)]
+    warnings += _fit_bias_ranges(graph, units, producer, qparams, per_channel)
     for w in warnings:
         log.warning('calibration: %s', w)
     _propagate_qparams(units, producer, qparams)
@@ -258,6 +259,64 @@ def _choose_qparams(observer, scheme):
     if scheme == 'affine' or float(sym.scale) >= AFFINE_GAIN * float(aff.scale):
         return aff
     return sym
+
+
+#: units whose output holds their input's range (see :func:`_propagate_qparams`)
+_PASS_THROUGH = ('pool', 'flatten', 'relu', 'shape')
+
+
+def _range_source(edge, producer, qparams):
+    """The calibrated edge whose range ``edge`` carries through pass-through units (None for
+    a dynamic input)."""
+    while edge not in qparams and edge in producer and producer[edge].kind in _PASS_THROUGH:
+        edge = producer[edge].inputs[0]
+    return edge if edge in qparams else None
+
+
+def _fit_bias_ranges(graph, units, producer, qparams, per_channel):
+    """Widen the range of a tensor that was 0 on every calibration example (a ReLU that never
+    fired) where it is too small for the int32 bias of a layer that reads it.
+
+    A layer holds its bias as ``round(b / (s_in * s_w))`` in int32, less the accumulator's
+    headroom (:func:`gluonq.quant.bias_headroom`). An all-zero input has the range
+    ``EPS_RANGE``, so small an ``s_in`` that the bias saturates and the layer loses it. Such
+    a range is scaled up to the smallest one whose ``s_in`` fits the bias of every layer
+    reading it: nothing is lost, since the tensor held only zeros. A tensor with a real range
+    keeps it even where one channel's bias saturates: rapidocr's rec model has channels
+    whose bias would need ranges up to 1e24 times wider, which would wipe out every other
+    channel. Returns a warning per widened tensor.
+    """
+    need = {}                                   # edge -> smallest s_in its readers allow
+    for u in units:
+        if not (u.is_int8 and u.kind in ('conv', 'dense')) or \
+                u.node.bool_attr('no_bias', False):
+            continue
+        src = _range_source(u.inputs[0], producer, qparams)
+        if src is None:
+            continue
+        qp = qparams[src]
+        if max(abs(qp.min), abs(qp.max)) >= 2 * quant.EPS_RANGE:
+            continue
+        b = graph.params[graph.param_of(u.node, 2)].astype(np.float64)
+        q_w, s_w = quant.quantize_weight(graph.params[graph.param_of(u.node, 1)], per_channel)
+        room = quant.QBOUNDS['int32'][1] - quant.bias_headroom(q_w, qp.dtype, qp.zero_point)
+        s_min = float(np.max(np.abs(b) / (room * np.broadcast_to(s_w, b.shape))))
+        if s_min > float(qp.scale):
+            need[src] = max(need.get(src, 0.0), s_min)
+    warnings = []
+    for e, s_min in sorted(need.items(), key=lambda kv: edge_key(kv[0])):
+        old = qparams[e]
+        k = s_min / float(old.scale)
+        new = old
+        while float(new.scale) < s_min:
+            k *= 1.001
+            new = quant.QParams(old.dtype, old.min * k, old.max * k, old.scheme)
+        qparams[e] = new
+        warnings.append('range of %s widened from [%g, %g] to [%g, %g]: the bias of a layer '
+                        'reading it does not fit int32 at the calibrated scale (the tensor was 0 '
+                        'on every calibration example)'
+                        % (edge_key(e), old.min, old.max, new.min, new.max))
+    return warnings
 
 
 def _propagate_qparams(units, producer, qparams):
