@@ -338,7 +338,7 @@ def _propagate_qparams(units, producer, qparams):
             out = qparams[u.output]
             qparams[u.output] = quant.QParams('int8', -out.max, out.max)
             nonneg.add(u.output)
-        elif u.kind in ('pool', 'flatten', 'relu', 'shape'):
+        elif u.kind in _PASS_THROUGH:
             for e in u.outputs:
                 qparams[e] = qparams[u.inputs[0]]
                 if u.inputs[0] in nonneg:
