@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,50 +55,55 @@ def _conv_key(node, shapes):
     return (tuple(shapes.get(node.input[3], ())), tuple(strides[0]) if strides else ())
 
 
+def _profiled_times(sess, optimized_path):
+    """``({op type: ms per call}, {conv key: [median us of each such conv]})`` of a profiled
+    session: per node the median over its calls after the two warm-up ones."""
+    import onnx
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    times, op_of = defaultdict(list), {}
+    for e in events:
+        if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'):
+            name = e['name'][:-len('_kernel_time')]
+            times[name].append(e['dur'])
+            op_of[name] = e['args']['op_name']
+    med = {n: statistics.median(t[2:]) for n, t in times.items() if len(t) > 2}
+    per_op = defaultdict(float)
+    for n, t in med.items():
+        per_op[op_of[n]] += t / 1000.0
+    graph = onnx.load(optimized_path).graph
+    shapes = {i.name: list(i.dims) for i in graph.initializer}
+    convs = defaultdict(list)
+    for n in graph.node:
+        if n.op_type == 'QLinearConv' and n.name in med:
+            convs[_conv_key(n, shapes)].append(med[n.name])
+    return per_op, convs
+
+
 def node_times(paths, batch, calls, threads):
     """``{variant: ({op type: ms per call}, {conv key: [median us of each such conv]})}``."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
     x = np.random.RandomState(0).rand(batch, *B.SHAPE).astype(np.float32)
-    tmp = tempfile.mkdtemp(prefix='gluonq-ort-prof-')
-    sessions = {}
-    for v, p in paths.items():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.add_session_config_entry('session.intra_op.allow_spinning', '0')
-        so.log_severity_level = 3
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(tmp, v)
-        so.optimized_model_filepath = os.path.join(tmp, v + '-optimized.onnx')
-        sessions[v] = (ort.InferenceSession(p, so, providers=['CPUExecutionProvider']), so)
-    order = list(sessions)
-    for i in range(calls + 2):                          # the first two calls warm up
-        for v in (order if i % 2 else order[::-1]):
-            sess = sessions[v][0]
-            sess.run(None, {sess.get_inputs()[0].name: x})
     out = {}
-    for v, (sess, so) in sessions.items():
-        with open(sess.end_profiling()) as f:
-            events = json.load(f)
-        times, op_of = defaultdict(list), {}
-        for e in events:
-            if e.get('cat') == 'Node' and e['name'].endswith('_kernel_time'):
-                name = e['name'][:-len('_kernel_time')]
-                times[name].append(e['dur'])
-                op_of[name] = e['args']['op_name']
-        # the median over the calls after the two warm-up ones, per node
-        med = {n: statistics.median(t[2:]) for n, t in times.items() if len(t) > 2}
-        per_op = defaultdict(float)
-        for n, t in med.items():
-            per_op[op_of[n]] += t / 1000.0
-        graph = onnx.load(so.optimized_model_filepath).graph
-        shapes = {i.name: list(i.dims) for i in graph.initializer}
-        convs = defaultdict(list)
-        for n in graph.node:
-            if n.op_type == 'QLinearConv' and n.name in med:
-                convs[_conv_key(n, shapes)].append(med[n.name])
-        out[v] = (per_op, convs)
+    with tempfile.TemporaryDirectory(prefix='gluonq-ort-prof-') as tmp:
+        sessions = {}
+        for v, p in paths.items():
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+            so.add_session_config_entry('session.intra_op.allow_spinning', '0')
+            so.log_severity_level = 3
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, v)
+            so.optimized_model_filepath = os.path.join(tmp, v + '-optimized.onnx')
+            sessions[v] = (ort.InferenceSession(p, so, providers=['CPUExecutionProvider']), so)
+        order = list(sessions)
+        for i in range(calls + 2):                          # the first two calls warm up
+            for v in (order if i % 2 else order[::-1]):
+                sess = sessions[v][0]
+                sess.run(None, {sess.get_inputs()[0].name: x})
+        for v, (sess, so) in sessions.items():
+            out[v] = _profiled_times(sess, so.optimized_model_filepath)
     return out
 
 
@@ -134,11 +140,15 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     print('%d cores, %d threads; load average %.2f; onnxruntime spinning off'
           % (os.cpu_count(), args.threads, os.getloadavg()[0]))
-    for model in B._split(args.models):
-        path = ensure_models(model, workdir, args.calib)
-        res = node_times({v: path(v) for v in (ANCHOR, OURS)}, args.batch, args.calls,
-                         args.threads)
-        report(model, args.batch, res)
+    try:
+        for model in B._split(args.models):
+            path = ensure_models(model, workdir, args.calib)
+            res = node_times({v: path(v) for v in (ANCHOR, OURS)}, args.batch, args.calls,
+                             args.threads)
+            report(model, args.batch, res)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
