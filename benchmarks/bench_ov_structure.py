@@ -1,10 +1,12 @@
 """What onnxruntime and OpenVINO run for gluonq's QDQ model and for the anchors' own int8.
 
 For each gluoncv model (random weights as in ``bench_inference.py``, 224x224, the same
-calibration images) three QDQ models of the same float network:
+calibration images) the QDQ models of the same float network:
 
-* ``gluonq``      ``gluonq.export_onnx`` (int8 weights, ``calib_data`` = the images; what
-                  ``gluonq.export_openvino`` converts);
+* ``gluonq``      ``gluonq.export_onnx`` (int8 weights, ``calib_data`` = the images), laid
+                  out for onnxruntime (the default ``target``);
+* ``gluonq-ov``   the same with ``target='openvino'`` (what ``gluonq.export_openvino``
+                  converts);
 * ``ort-qstatic`` onnxruntime's ``quantize_static`` (QDQ, U8S8, per channel, MinMax);
 * ``nncf``        ``nncf.quantize`` of the float ONNX (if nncf is installed);
 
@@ -90,9 +92,12 @@ def build(model, workdir, n_calib):
     else:
         qnet = gluonq.quantize_net(net, x, calib_mode='naive', progress=False)
         gluonq.save_quantized(qnet, qpath)
-    gluonq.export_onnx(qnet, p('gluonq'), input_shape=shape, overwrite=True, calib_data=x,
-                       weight_dtype='int8')
-    paths = {'gluonq': p('gluonq'), 'ort-qstatic': p('ort-qstatic')}
+    paths = {}
+    for variant, target in (('gluonq', 'onnxruntime'), ('gluonq-ov', 'openvino')):
+        gluonq.export_onnx(qnet, p(variant), input_shape=shape, overwrite=True, calib_data=x,
+                           weight_dtype='int8', target=target)
+        paths[variant] = p(variant)
+    paths['ort-qstatic'] = p('ort-qstatic')
     if os.path.exists(p('nncf')) or B.nncf_quantize(p('ort-fp32'), p('nncf'), x) is not None:
         paths['nncf'] = p('nncf')
     else:

@@ -11,8 +11,7 @@ the calls is taken. It prints, per model:
   does not, e.g. gluonq's integer ``Clip`` after a ReLU'd int8 residual add);
 * the QLinearConv nodes paired by weight shape and strides, in graph order: the median of
   their time ratios (the same kernels on the same shapes give 1.00). Convolutions only one
-  graph has are counted as unpaired: on ResNet-50 v1 the six strided 1x1 convolutions,
-  which gluonq's export runs unstrided on a subsampled tensor.
+  graph has are counted as unpaired.
 
 The models are the ones ``bench_inference.py`` builds (random weights, 224x224, the same
 calibration images); they are made in ``--workdir`` if it does not hold them yet.

@@ -400,6 +400,10 @@ def test_onnx_export_argument_errors(qnet):
     with pytest.raises(ValueError, match=r'export_onnx: input_shape must be \(batch, channels, '
                                          r'...\) with positive sizes, got \(3,\)'):
         gluonq.onnx.to_onnx(qnet, input_shape=(3,), weight_dtype='uint8')
+    with pytest.raises(ValueError, match=r"target must be one of 'onnxruntime', 'openvino' "
+                                         r"\(the runtime the graph is laid out for\), got "
+                                         r"'tensorrt'"):
+        gluonq.onnx.to_onnx(qnet, target='tensorrt')
     import onnx
     with pytest.raises(ValueError, match='this ONNX model was not written by '
                                          'gluonq.export_onnx'):

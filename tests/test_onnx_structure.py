@@ -5,7 +5,9 @@ Structure does not depend on the CPU's speed: onnxruntime's optimized graph
 ``runtimePrecision``) are read on any CPU. Two small nets at small sizes: gluoncv's
 ``resnet18_v1`` (residual adds with ReLU, gluonq int8 outputs 0..127, global average
 pooling) and a net of gluoncv ``BottleneckV1`` blocks (ResNet-50 v1's: two strided 1x1
-convolutions reading one tensor). Expected counts come from the QuantizedNet's steps; the
+convolutions reading one tensor). onnxruntime reads the default export
+(``target='onnxruntime'``), OpenVINO the one laid out for it (``target='openvino'``, what
+``export_openvino`` converts). Expected counts come from the QuantizedNet's steps; the
 anchor is ``onnxruntime.quantization.quantize_static`` (QDQ, U8S8, per channel) of the same
 float network. Where gluonq's rewrites could change integers (global average pooling,
 subsampling before a strided 1x1 convolution) onnxruntime's integers, fed gluonq's own
@@ -86,12 +88,15 @@ def _build(kind):
 
 @pytest.fixture(scope='module', params=['resnet18_v1', 'bottlenecks'])
 def case(request, tmp_path_factory):
-    """(qnet, calibration images, gluonq's ONNX path, onnxruntime's own QDQ path)."""
+    """(kind, qnet, calibration images, {target: gluonq's ONNX path}, onnxruntime's own QDQ
+    path)."""
     tmp = tmp_path_factory.mktemp(request.param)
     net, x = _build(request.param)
     qnet = gluonq.quantize_net(net, x, calib_mode='naive', progress=False)
-    gq = str(tmp / 'gluonq.onnx')
-    gonnx.export_onnx(qnet, gq, input_shape=(1,) + x.shape[1:], weight_dtype=WEIGHTS)
+    gq = {t: str(tmp / ('gluonq-%s.onnx' % t)) for t in gonnx.TARGETS}
+    for t, path in gq.items():       # OpenVINO's target takes int8 weights on any CPU
+        gonnx.export_onnx(qnet, path, input_shape=(1,) + x.shape[1:], target=t,
+                          weight_dtype=WEIGHTS if t == 'onnxruntime' else 'auto')
     fp32, anchor = str(tmp / 'fp32.onnx'), str(tmp / 'anchor.onnx')
     export_fp32(net, x[:1].shape, fp32, dynamic_batch=False)
     ort_quantize_static(fp32, anchor, x, batch_size=1)
@@ -144,9 +149,10 @@ def test_onnxruntime_fuses_every_unit(case, tmp_path):
     """onnxruntime's optimized graph: one QLinearConv per conv, one QLinearAdd per residual
     add, QLinearGlobalAveragePool, a QGemm classifier, the model input the only
     QuantizeLinear and no DequantizeLinear or float op left; the only ops beyond those of
-    onnxruntime's own QDQ model are the integer Clips of gluonq's int8 ReLU outputs."""
+    onnxruntime's own QDQ model are the integer Clips of gluonq's int8 ReLU outputs (no
+    subsampling before the strided 1x1 convolutions)."""
     kind, qnet, _, gq, anchor = case
-    ops = _ort_ops(gq, str(tmp_path))
+    ops = _ort_ops(gq['onnxruntime'], str(tmp_path))
     convs = _steps(qnet, 'QuantizedConv')
     residual = _steps(qnet, 'QuantizedConv', lambda b: b._residual)
     gap = _steps(qnet, 'QuantizedPooling', lambda b: b._kwargs['global_pool'])
@@ -162,19 +168,22 @@ def test_onnxruntime_fuses_every_unit(case, tmp_path):
     clips = _relu_int8_outputs(qnet)
     assert ops.get('Clip', 0) == len(clips), (ops, [s['name'] for s in clips])
     own = _ort_ops(anchor, str(tmp_path))
-    extra = set(ops) - set(own) - {'Clip', 'MaxPool', 'NhwcMaxPool'}
+    extra = set(ops) - set(own) - {'Clip'}
     assert not extra, (ops, own)
+    for op in ('MaxPool', 'NhwcMaxPool'):
+        assert ops.get(op, 0) == own.get(op, 0), (op, ops, own)
     q_own = sum(n for op, n in own.items() if op in ('QuantizeLinear', 'DequantizeLinear'))
     assert ops['QuantizeLinear'] <= q_own
 
 
-def test_openvino_runs_every_layer_in_int8_with_no_stray_ops(case):
+def test_openvino_runs_every_layer_in_int8_with_no_stray_ops(case, tmp_path):
     """OpenVINO's runtime model: every convolution, the global average pooling (a Reduce)
     and the classifier in int8, the residual adds and ReLUs fused into the convolutions (no
     Eltwise), nothing in float but the model input's quantize, and no more Reorders and
-    layers than on onnxruntime's own QDQ model of the same network."""
-    kind, qnet, _, gq, anchor = case
-    layers = _ov_layers(gq)
+    layers than on onnxruntime's own QDQ model of the same network. The graph laid out for
+    onnxruntime leaves OpenVINO's strided 1x1 convolutions out of int8."""
+    kind, qnet, x, gq, anchor = case
+    layers = _ov_layers(gq['openvino'])
     convs = _steps(qnet, 'QuantizedConv')
     gap = _steps(qnet, 'QuantizedPooling', lambda b: b._kwargs['global_pool'])
     assert _count(layers, 'Convolution') == len(convs), layers
@@ -189,6 +198,14 @@ def test_openvino_runs_every_layer_in_int8_with_no_stray_ops(case):
                                                                  'Output')}
     assert _count(layers, 'Reorder') <= _count(own, 'Reorder'), (layers, own)
     assert sum(executed.values()) <= sum(own_executed.values()), (layers, own)
+    if kind == 'bottlenecks':
+        strided = _steps(qnet, 'QuantizedConv', lambda b: max(b._kwargs['stride']) > 1)
+        path = str(tmp_path / 'onnxruntime-layout.onnx')
+        onnx.save(gonnx.to_onnx(qnet, input_shape=(1,) + x.shape[1:], weight_dtype='int8'),
+                  path)
+        ort_layout = _ov_layers(path)
+        assert _count(ort_layout, 'Convolution', float_only=True) == len(strided) == 2, \
+            ort_layout
 
 
 def _session(model):
@@ -239,7 +256,11 @@ def test_rewritten_steps_keep_gluonqs_integers(case, tmp_path):
     subsampled input gives them except at rounding ties, and a ReLU'd int8 output never
     goes below zero. OpenVINO's global average pooling is within one step of gluonq's."""
     kind, qnet, x, gq, _ = case
-    model = onnx.load(gq)
+    # OpenVINO's layout (the subsampling) with weights whose onnxruntime integers are exact
+    model = gonnx.to_onnx(qnet, input_shape=(1,) + x.shape[1:], target='openvino',
+                          weight_dtype=WEIGHTS)
+    ov_path = str(tmp_path / 'openvino-layout.onnx')
+    onnx.save(model, ov_path)
     names = gonnx.tensor_names(model)
     g = _gluonq_ints(qnet, np.random.RandomState(2).uniform(-2, 2, (4,) + x.shape[1:])
                      .astype(np.float32))
@@ -256,7 +277,7 @@ def test_rewritten_steps_keep_gluonqs_integers(case, tmp_path):
             kind_ = 'subsampled conv'
         else:
             continue
-        part = _extract(gq, [names[src]], [names[out]], str(tmp_path))
+        part = _extract(ov_path, [names[src]], [names[out]], str(tmp_path))
         feed, _ = _onnx_feed(g[src])
         got = _session(part).run(None, {names[src]: feed})[0]
         want = g[out].astype(np.int32)
@@ -284,9 +305,10 @@ def test_rewritten_steps_keep_gluonqs_integers(case, tmp_path):
     for step in _relu_int8_outputs(qnet):
         assert g[step['outputs'][0]].min() >= 0
     # onnxruntime's end-to-end int8 ReLU outputs: gluonq's zero point is their floor
+    names = gonnx.tensor_names(onnx.load(gq['onnxruntime']))
     clipped = [names[s['outputs'][0]] for s in _relu_int8_outputs(qnet)]
     if clipped:
-        m = onnx.load(gq)
+        m = onnx.load(gq['onnxruntime'])
         for n in clipped:
             m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
         sess = _session(m)

@@ -68,7 +68,7 @@ def test_first_int8_layer_has_gluonqs_integers(resnet20, tmp_path):
     """Before differences can cascade, OpenVINO's first int8 convolution gives gluonq's
     integers: every value within one step, and at most 0.1% of them off by that step."""
     _, qnet, xt, _ = resnet20
-    model = to_onnx(qnet, weight_dtype='int8')
+    model = to_onnx(qnet, target='openvino')
     names = tensor_names(model)
     conv = next(st for st in qnet.spec['steps'] if st['block'].startswith('QuantizedConv'))
     key = conv['outputs'][0]

@@ -20,9 +20,11 @@ model built from the QuantizedNet's own steps and integer parameters:
   output range itself (QuantizeLinear clamps at zero point 0), so no Relu node is written;
   on a ReLU'd gluonq int8 tensor (zero point 128) it is an integer ``Clip`` after the
   QuantizeLinear, which keeps the unit fusable; the classifier's float output is
-  ``DQ -> Gemm`` (QGemm with float output). A tensor read only by unpadded strided 1x1
-  convolutions is subsampled on the integers first (a MaxPool with a 1x1 kernel), so that
-  OpenVINO keeps those convolutions int8;
+  ``DQ -> Gemm`` (QGemm with float output). With ``target='openvino'`` a tensor read only
+  by unpadded strided 1x1 convolutions is subsampled on the integers first (a MaxPool with
+  a 1x1 kernel), so that OpenVINO keeps those convolutions int8; onnxruntime runs the
+  strided convolutions faster as they are, so the default ``target='onnxruntime'`` keeps
+  them;
 * max pooling, flatten, standalone ReLU and concat of equally quantized inputs run directly
   on the integer tensors (no Q/DQ around them); global average pooling is
   ``DQ -> GlobalAveragePool -> Q`` (QLinearGlobalAveragePool), other average pooling a
@@ -82,7 +84,7 @@ from .registry import Registry
 
 __all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'ONNXExportError', 'tensor_names',
            'residual_intermediates', 'onnx_zero_point', 'matching_weight_scales',
-           'ort_u8s8_exact', 'resolve_weight_dtype']
+           'ort_u8s8_exact', 'resolve_weight_dtype', 'TARGETS']
 
 
 #: Calibrated pre-add ranges are widened by this factor (then cut to the safe window). On
@@ -124,10 +126,17 @@ def ort_u8s8_exact():
     return _ORT_U8S8_EXACT
 
 
-def resolve_weight_dtype(weight_dtype):
+#: the runtimes ``export_onnx`` lays its graph out for
+TARGETS = ('onnxruntime', 'openvino')
+
+
+def resolve_weight_dtype(weight_dtype, target='onnxruntime'):
     """The ONNX weight type ``export_onnx`` writes for ``weight_dtype``: 'auto' is 'int8'
     (U8S8, fast) where onnxruntime's U8S8 kernels are exact on this CPU, else 'uint8'
-    (U8U8, exact on every CPU)."""
+    (U8U8, exact on every CPU); for OpenVINO always 'int8' (its int8 convolutions take
+    signed weights with no zero point; uint8 weights would be decompressed to float)."""
+    if weight_dtype == 'auto' and target == 'openvino':
+        return 'int8'
     if weight_dtype == 'auto':
         try:
             return 'int8' if ort_u8s8_exact() else 'uint8'
@@ -253,7 +262,7 @@ class _Context:
     names and :class:`_QT`), and the shapes of gluonq's tensors."""
 
     def __init__(self, qnet, input_shape, opset, act_dtype, dynamic_batch, preadd_ranges,
-                 weight_dtype):
+                 weight_dtype, target):
         self.onnx, self.helper, self.numpy_helper = _onnx()
         self.preadd_ranges = dict(preadd_ranges or {})
         self.qnet = qnet
@@ -261,6 +270,7 @@ class _Context:
         self.opset = opset
         self.act_dtype = act_dtype
         self.weight_dtype = weight_dtype
+        self.target = target
         self.dynamic_batch = dynamic_batch
         self.input_shape = tuple(input_shape)
         self.nodes, self.inits = [], []
@@ -580,7 +590,8 @@ def _layer_weights(b, name, block, params, x, out_qp):
 def _layer_op(b, name, block, is_dense, x, w_dq, b_dq, in_key, in_rank):
     """The float Conv / Gemm of a layer on the DequantizeLinear of its input ``x``; a
     dense input of rank > 2 is flattened as integers, and an input read only by strided
-    1x1 convolutions subsampled (:func:`_read_subsampled_only`). Returns its output."""
+    1x1 convolutions subsampled for OpenVINO (:func:`_read_subsampled_only`). Returns its
+    output."""
     x_in = x
     if is_dense and in_rank > 2:
         flat = _QT(b.fresh(name + '/flatten'), x.qp, b.act_dtype)
@@ -588,7 +599,7 @@ def _layer_op(b, name, block, is_dense, x, w_dq, b_dq, in_key, in_rank):
         x_in = flat
     k = None if is_dense else block._kwargs
     strides = None if is_dense else list(k['stride'])
-    if not is_dense and _read_subsampled_only(b, in_key):
+    if not is_dense and b.target == 'openvino' and _read_subsampled_only(b, in_key):
         x_in = b.subsample(x_in, strides)
         strides = [1] * len(strides)
     x_dq = b.dequantize(x_in)
@@ -636,7 +647,9 @@ def _read_subsampled_only(b, key):
     OpenVINO moves the strides of such readers up through the DequantizeLinear (it
     inserts a pooling between the two) and then runs those convolutions in bf16 or
     float, also on the anchors' own QDQ models. Subsampled on the integers first
-    (:meth:`subsample`), they stay int8 and share the one subsampling."""
+    (:meth:`subsample`), they stay int8 and share the one subsampling. onnxruntime runs
+    the strided convolutions faster than the subsampling and unstrided ones (its
+    profiler on ResNet-50 v1: 1.5-1.9% of a call), so only the OpenVINO graph has it."""
     if key in b.spec['outputs']:
         return False
     strides = set()
@@ -1241,7 +1254,7 @@ def preadd_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
 
 def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=True,
             calib_data=None, calib_mode=None, check=True, return_info=False,
-            weight_dtype='auto'):
+            weight_dtype='auto', target='onnxruntime'):
     """The ONNX ModelProto of ``qnet`` (see :func:`export_onnx`)."""
     if not isinstance(qnet, QuantizedNet):
         raise TypeError('export_onnx takes a QuantizedNet (from gluonq.quantize_net or '
@@ -1249,7 +1262,10 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
     if act_dtype not in ('uint8', 'int8'):
         raise ValueError("act_dtype must be 'uint8' (onnxruntime's fast U8S8 path) or "
                          "'int8', got %r" % (act_dtype,))
-    weight_dtype = resolve_weight_dtype(weight_dtype)
+    if target not in TARGETS:
+        raise ValueError('target must be one of %s (the runtime the graph is laid out for), '
+                         'got %r' % (', '.join(map(repr, TARGETS)), target))
+    weight_dtype = resolve_weight_dtype(weight_dtype, target)
     if int(opset) < 13:
         raise ValueError('export_onnx writes opset 13 or later (per-channel '
                          'DequantizeLinear), got %r' % (opset,))
@@ -1258,7 +1274,7 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
     else:       # ranges the converter observed on the float network, if it recorded them
         ranges = {k: tuple(v) for k, v in qnet.spec.get('preadd_ranges', {}).items()}
     b = _Context(qnet, _resolve_shape(qnet, input_shape), int(opset), act_dtype,
-                 dynamic_batch, ranges, weight_dtype)
+                 dynamic_batch, ranges, weight_dtype, target)
     model = b.build()
     if check:
         b.onnx.checker.check_model(model)
@@ -1268,7 +1284,8 @@ def to_onnx(qnet, input_shape=None, opset=13, act_dtype='uint8', dynamic_batch=T
 
 
 def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dtype='uint8',
-                dynamic_batch=True, calib_data=None, calib_mode=None, weight_dtype='auto'):
+                dynamic_batch=True, calib_data=None, calib_mode=None, weight_dtype='auto',
+                target='onnxruntime'):
     """Write ``qnet`` to ``path`` as an ONNX model in QDQ form (see the module docstring).
 
     Parameters
@@ -1296,7 +1313,8 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
         (U8U8, gluonq's integers + 128 with zero point 128) is exact on every CPU and ran
         at about 0.7x U8S8's speed on an AVX2 CPU. 'auto' (default) is 'int8' where
         onnxruntime's U8S8 is exact on this CPU, else 'uint8' (:func:`resolve_weight_dtype`):
-        name the type when the model is deployed on another kind of CPU.
+        name the type when the model is deployed on another kind of CPU. With
+        ``target='openvino'`` 'auto' is 'int8'.
     calib_data : array, DataLoader or iterable of batches, optional
         Calibration inputs (the ones given to ``quantize_net``) for the 8-bit conv results
         that onnxruntime needs before residual adds (see :func:`preadd_ranges`). Without
@@ -1306,13 +1324,18 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
     calib_mode : str, optional
         Calibration method for those ranges; default: the one the network was calibrated
         with.
+    target : {'onnxruntime', 'openvino'}
+        The runtime the graph is laid out for. The integers are the same; 'openvino'
+        subsamples the input of strided 1x1 convolutions first, which keeps them int8 in
+        OpenVINO (and costs onnxruntime about 2% on ResNet-50 v1).
+        :func:`gluonq.export_openvino` writes OpenVINO's own IR of that graph.
 
     Returns
     -------
     str : the path written.
     """
     model = to_onnx(qnet, input_shape, opset, act_dtype, dynamic_batch, calib_data,
-                    calib_mode, weight_dtype=weight_dtype)
+                    calib_mode, weight_dtype=weight_dtype, target=target)
     with atomic_outputs([path], overwrite) as (tmp,):
         with open(tmp, 'wb') as f:
             _write_model(model, f)

@@ -1,8 +1,10 @@
 """OpenVINO export of a QuantizedNet: an IR (``.xml`` + ``.bin``) that runs in int8.
 
 OpenVINO reads QDQ ONNX directly: ``export_openvino(qnet, path)`` builds gluonq's QDQ model
-(:func:`gluonq.onnx.to_onnx`), converts it with ``openvino.convert_model`` and writes it with
-``openvino.save_model(..., compress_to_fp16=False)``, so that the int8 weights stay int8 and
+laid out for OpenVINO (:func:`gluonq.onnx.to_onnx` with ``target='openvino'``: int8
+weights, strided 1x1 convolutions on a subsampled input), converts it with
+``openvino.convert_model`` and writes it with ``openvino.save_model(...,
+compress_to_fp16=False)``, so that the int8 weights stay int8 and
 the float32 scales stay float32 in the ``.bin``. OpenVINO turns each
 ``QuantizeLinear/DequantizeLinear`` pair into a ``FakeQuantize`` and fuses it into int8
 convolutions; its runtime model (``compiled_model.get_runtime_model()``, each op's
@@ -40,10 +42,8 @@ def _ov():
 def to_openvino(qnet, input_shape=None, calib_data=None, calib_mode=None, dynamic_batch=True):
     """The ``openvino.Model`` of ``qnet`` (see :func:`export_openvino` for the arguments)."""
     ov = _ov()
-    # int8 weights: OpenVINO's int8 convolutions take signed weights with no zero point
-    # (uint8 weights with zero point 128 would be decompressed to float)
     model = to_onnx(qnet, input_shape, dynamic_batch=dynamic_batch, calib_data=calib_data,
-                    calib_mode=calib_mode, weight_dtype='int8')
+                    calib_mode=calib_mode, weight_dtype='int8', target='openvino')
     folder = tempfile.mkdtemp(prefix='gluonq-ov-')
     try:                   # convert_model reads ONNX from a file, not from a ModelProto
         onnx_path = os.path.join(folder, 'model.onnx')
