@@ -119,7 +119,10 @@ def test_se_net_converts_and_runs_in_every_form(form, tmp_path):
     assert any(r['op'] == 'broadcast_mul' and 'weight and bias' in r['reason'] for r in folded)
     assert any(r['op'] == 'Reshape' and 'evaluated once' in r['reason'] for r in folded)
     assert sum(r['kind'].startswith('int8 conv') for r in q.report) == 5
-    assert sum('hardswish' in r['reason'] for r in q.report) == 8
+    # each hardswish (4 ops as written) runs as x * hard_sigmoid(x): 2 float ops
+    assert sum('hardswish' in r['reason'] for r in q.report if r['kind'] == 'float') == 4
+    assert sum('rewritten as hard_sigmoid and broadcast_mul' in r['reason']
+               for r in folded) == 8
     assert any(r['op'] == 'broadcast_mul' and 'squeeze-excite' in r['reason']
                for r in q.report)
     for mode, yq in _outputs_all_modes(q, x).items():
@@ -421,3 +424,103 @@ def test_lstm_default_state_converts_for_any_batch_size(hybridize):
         y_q = q(mx.nd.array(x[:n])).asnumpy()
         assert y_q.shape == y_f.shape == (n, 5, 4)
         assert (np.abs(y_q - y_f) <= bound).all(), np.abs(y_q - y_f).max()
+
+
+#: activations as exporters spell them out, between two convolutions: (function, float ops
+#: the traced graph keeps for it, whether it is rewritten)
+_ACTIVATIONS = {
+    'x * clip(x + 3, 0, 6) / 6': (lambda F, x: F.elemwise_mul(x, F.clip(x + 3, 0, 6)) / 6,
+                                  ['hard_sigmoid', 'broadcast_mul']),
+    'x * clip(relu(x + 3), 0, 6) * (1/6)': (
+        lambda F, x: F.elemwise_mul(F.clip(F.relu(x + 3), 0, 6), x) * (1 / 6.0),
+        ['hard_sigmoid', 'broadcast_mul']),
+    'x * clip(x / 6 + 0.5, 0, 1)': (lambda F, x: F.elemwise_mul(x, F.clip(x / 6 + 0.5, 0, 1)),
+                                    ['hard_sigmoid', 'broadcast_mul']),
+    'x * clip(x + 3, 0, 6)': (lambda F, x: F.elemwise_mul(x, F.clip(x + 3, 0, 6)),
+                              ['hard_sigmoid', 'broadcast_mul', '_mul_scalar']),
+    # after a pooling (after a conv, the scale and shift would fold into it)
+    'clip(0.2 avgpool(x) + 0.5, 0, 1)': (
+        lambda F, x: F.clip(F.Pooling(x, kernel=(2, 2), pool_type='avg') * 0.2 + 0.5, 0, 1),
+        ['Pooling', 'hard_sigmoid']),
+    # saturates only beyond |x| = 50: not provably a hardsigmoid on the probe, left alone
+    'x * clip(0.01 x + 0.5, 0, 1)': (
+        lambda F, x: F.elemwise_mul(x, F.clip(x * 0.01 + 0.5, 0, 1)),
+        ['_mul_scalar', '_plus_scalar', 'clip', 'elemwise_mul']),
+}
+
+
+class _ActNet(HybridBlock):
+    def __init__(self, act, **kw):
+        super().__init__(**kw)
+        self._act = act
+        with self.name_scope():
+            self.c1 = nn.Conv2D(6, 3, padding=1, in_channels=3)
+            self.c2 = nn.Conv2D(4, 1, in_channels=6)
+
+    def hybrid_forward(self, F, x):
+        return self.c2(self._act(F, self.c1(x)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(form=st.sampled_from(sorted(_ACTIVATIONS)), seed=st.integers(0, 2 ** 16),
+       scale=st.floats(0.1, 30.0))
+def test_spelled_out_activations_become_one_op(form, seed, scale):
+    """The traced graph computes a spelled-out hardswish / hardsigmoid with MXNet's one-op
+    ``hard_sigmoid`` (and a multiply), and gives the float network's outputs within float32
+    rounding, also far into both saturated ends; a chain that saturates only outside the
+    probe stays as written."""
+    act, ops = _ACTIVATIONS[form]
+    mx.random.seed(seed % 1000)
+    net = _ActNet(act)
+    net.initialize(mx.init.Xavier(magnitude=2))
+    x = np.random.RandomState(seed).uniform(-scale, scale, (2, 3, 6, 6)).astype(np.float32)
+    graph = trace_and_fold(net, x.shape)
+    between = [n.op for n in graph.op_nodes() if n.op != 'Convolution']
+    assert between == ops, between
+    sym = graph.to_symbol()
+    args = {k: mx.nd.array(v) for k, v in graph.params.items()}
+    args[graph.inputs[0]] = mx.nd.array(x)
+    got = sym.eval(ctx=mx.cpu(), **args)[0].asnumpy()
+    want = net(mx.nd.array(x)).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_rounded_float_conv_results_are_int8_kernels_in_onnxruntime(tmp_path):
+    """onnxruntime has no int8 convolution with a float output: with
+    ``round_float_results`` a conv whose float result feeds a hardswish rounds it to an
+    8-bit intermediate at the calibrated range, so every conv is a QLinearConv, and the
+    first one's intermediate is within half a step of gluonq's unrounded float result
+    where it does not saturate. By default the result stays float (a float conv there)."""
+    ort = pytest.importorskip('onnxruntime')
+    onnx = pytest.importorskip('onnx')
+    from gluonq import onnx as gonnx
+    net = _se_net()
+    x = _images(6)
+    q = gluonq.quantize_net(net, x, progress=False)
+    floats = [s for s in q.spec['steps'] if s['block'] == 'QuantizedConv2D' and
+              q._children[s['name']]._out_q is None]
+    assert floats and set(q.spec['float_result_ranges']) == {s['name'] for s in floats}
+    model, info = gonnx.to_onnx(q, input_shape=(1,) + x.shape[1:], return_info=True,
+                                round_float_results=True)
+    assert set(info['float_results']) == {s['name'] for s in floats}
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / 'opt.onnx')
+    first = info['float_results'][floats[0]['name']]
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(first['tensor']))
+    sess = ort.InferenceSession(model.SerializeToString(), so,
+                                providers=['CPUExecutionProvider'])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count('QLinearConv') == sum(s['block'] == 'QuantizedConv2D'
+                                           for s in q.spec['steps'])
+    assert 'Conv' not in ops and 'FusedConv' not in ops, ops
+    xt = _images(7)
+    qi = sess.run([first['tensor']], {sess.get_inputs()[0].name: xt})[0].astype(np.float64)
+    got = (qi - first['zero_point']) * first['scale']
+    want = q.forward_all(mx.nd.array(xt))[floats[0]['outputs'][0]].asnumpy()
+    lo, hi = first['range']
+    inside = (want > lo) & (want < hi)
+    assert inside.mean() > 0.99
+    assert np.abs(got - want)[inside].max() <= 0.5 * first['scale'] * (1 + 1e-5) + 1e-6
+    for target in gonnx.TARGETS:
+        assert not any(n.output[0].endswith('/result')
+                       for n in gonnx.to_onnx(q, target=target).graph.node)

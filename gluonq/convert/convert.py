@@ -15,6 +15,7 @@ import numpy as np
 from .. import __version__, quant
 from ..calibration.collect import CalibrationDataError, as_batches, collect
 from ..calibration.observers import make_observer
+from .activations import simplify as simplify_activations
 from .adaround import ITERS as ADAROUND_ITERS, adaround
 from .bias_correction import correct_biases
 from .fallback import accuracy_fallback
@@ -79,7 +80,8 @@ def _expected_input(sym, input_name, shapes):
 
 
 def trace_and_fold(net, input_shape):
-    """The folded float graph of ``net`` for inputs of ``input_shape``.
+    """The folded float graph of ``net`` for inputs of ``input_shape``, hardswish and
+    hardsigmoid in their one-op form (:func:`gluonq.convert.activations.simplify`).
 
     Raises ValueError naming the layer that rejects inputs of that shape.
     """
@@ -89,6 +91,7 @@ def trace_and_fold(net, input_shape):
             raise ValueError(err)
     graph = trace(net, [tuple(input_shape)])
     prepare(graph)
+    simplify_activations(graph)
     graph.infer_shapes({graph.inputs[0]: tuple(input_shape)})
     return graph
 
@@ -198,17 +201,20 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
         for e, q in zip(u.inputs, u.in_q):
             if q and not (e in producer and producer[e].is_int8) and e not in observed:
                 observed.append(e)
-    # the layer result before a fused residual add: gluonq never rounds it, but runtimes
-    # without a fused sum (onnxruntime) need an 8-bit range for it (spec['preadd_ranges'])
+    # layer results gluonq never rounds, which onnxruntime needs as 8-bit tensors: before a
+    # fused residual add (no fused sum there; spec['preadd_ranges']) and a convolution's
+    # float output (no QLinearConv with one; spec['float_result_ranges'])
     preadd = [(u.node.name, 0) for u in units if u.is_int8 and u.residual is not None]
+    floats = [(u.node.name, 0) for u in units if u.is_int8 and u.kind == 'conv' and
+              not u.out_q and u.residual is None]
     opts = dict(calib_options or {})
     observers = [make_observer(calib_mode, dtype=act_dtype, name=edge_key(e), **opts)
                  for e in observed]
-    preadd_obs = [make_observer(calib_mode, dtype='int8', name=edge_key(e) + ' (pre-add)',
-                                **opts) for e in preadd]
+    result_obs = [make_observer(calib_mode, dtype='int8', name=edge_key(e) + ' (result)',
+                                **opts) for e in preadd + floats]
     if observers:
-        sym = graph.to_symbol(observed + preadd)
-        collect(sym, graph.inputs[0], graph.params, batches, observers + preadd_obs,
+        sym = graph.to_symbol(observed + preadd + floats)
+        collect(sym, graph.inputs[0], graph.params, batches, observers + result_obs,
                 progress)
     affine_ok = set(affine_candidates(units)) if act_dtype == 'auto' else set()
     qparams = {e: _choose_qparams(o, act_scheme if e in affine_ok else 'symmetric')
@@ -220,10 +226,12 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
     _propagate_qparams(units, producer, qparams)
     spec, values = _build_spec(graph, units, qparams, per_channel, act_dtype)
     step_of = {st['node']: st['name'] for st in spec['steps'] if 'node' in st}
-    spec['preadd_ranges'] = {}
-    for e, o in zip(preadd, preadd_obs):
-        qp = o.calculate_qparams()
-        spec['preadd_ranges'][step_of[e[0]]] = [qp.min, qp.max]
+    for key, edges, obs in (('preadd_ranges', preadd, result_obs[:len(preadd)]),
+                            ('float_result_ranges', floats, result_obs[len(preadd):])):
+        spec[key] = {}
+        for e, o in zip(edges, obs):
+            qp = o.calculate_qparams()
+            spec[key][step_of[e[0]]] = [qp.min, qp.max]
     spec['calibration'] = {
         'mode': calib_mode if isinstance(calib_mode, str) else calib_mode.__name__,
         'options': opts, 'num_examples': int(sum(b.shape[0] for b in batches)),

@@ -124,7 +124,7 @@ def quantize_dynamic(net, input_shape, per_channel=True, act_dtype='auto', exclu
     check_exclude(graph, exclude)
     units = _dynamic_units(graph, make_plan(graph, exclude), act_dtype)
     spec, values = _build_spec(graph, units, {}, per_channel, act_dtype)
-    spec['preadd_ranges'] = {}
+    spec['preadd_ranges'], spec['float_result_ranges'] = {}, {}
     spec['calibration'] = {'mode': 'dynamic', 'options': {}, 'num_examples': 0,
                            'num_batches': 0, 'per_channel': bool(per_channel),
                            'act_dtype': act_dtype, 'exclude': exclude, 'warnings': []}

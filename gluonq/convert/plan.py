@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 
-import numpy as np
-
-from .fold import SCALAR_ARITH, affine_problem, constant_operand
+from .activations import recognize, relu_like
+from .fold import affine_problem
 from ..nn.matmul import MATMUL_OPS
 from ..nn.shape_ops import SHAPE_OPS, SPLIT_OPS
 from .graph import parse_tuple
@@ -79,22 +78,6 @@ def _matches(name, patterns):
                 fnmatch.fnmatchcase(base, p):
             return True
     return False
-
-
-def _relu_like(node):
-    """'relu', ('clip', a_max) or None for an activation node that clamps at 0."""
-    if node.op == 'Activation' and node.attr('act_type') == 'relu':
-        return 'relu'
-    if node.op == 'relu':
-        return 'relu'
-    if node.op == 'clip':
-        try:
-            lo, hi = float(node.attr('a_min')), float(node.attr('a_max'))
-        except (TypeError, ValueError):
-            return None
-        if lo == 0.0 and hi > 0:
-            return ('clip', hi)
-    return None
 
 
 def _is_add(graph, node):
@@ -228,8 +211,8 @@ def make_plan(graph, exclude=()):
                     absorbed.add(nxt.name)
                     unit.output = (nxt.name, 0)
             nxt = sole_user(unit.output)
-            if nxt is not None and _relu_like(nxt):
-                unit.act = _relu_like(nxt)
+            if nxt is not None and relu_like(nxt):
+                unit.act = relu_like(nxt)
                 unit.fused.append(nxt)
                 absorbed.add(nxt.name)
                 unit.output = (nxt.name, 0)
@@ -237,7 +220,7 @@ def make_plan(graph, exclude=()):
         elif _is_add(graph, node):
             unit = Unit('add', node, data_inputs)
             nxt = sole_user(unit.output)
-            if nxt is not None and _relu_like(nxt) == 'relu':
+            if nxt is not None and relu_like(nxt) == 'relu':
                 unit.act = 'relu'
                 unit.fused.append(nxt)
                 absorbed.add(nxt.name)
@@ -271,7 +254,7 @@ def make_plan(graph, exclude=()):
             units.append(unit)
         elif node.op in ('Flatten', 'flatten'):
             units.append(Unit('flatten', node, data_inputs))
-        elif _relu_like(node) == 'relu':
+        elif relu_like(node) == 'relu':
             units.append(Unit('relu', node, data_inputs))
         else:
             units.append(Unit('float', node, data_inputs, patterns.get(node.name) or
@@ -289,110 +272,6 @@ def _constant_reason(graph, node, patterns):
     consts = ', '.join(e[0] for e in node.inputs if e[0] in graph.params)
     return '%s reads the constant %s: constants are never quantized as activations' % (
         node.op, consts)
-
-
-# -- activations imported graphs spell out ---------------------------------------------------
-_UNARY = tuple(SCALAR_ARITH) + ('clip', 'hard_sigmoid', 'relu', 'Activation')
-_MUL_OPS = ('elemwise_mul', 'broadcast_mul')
-_PROBE = np.linspace(-8.0, 8.0, 161)
-
-
-def _apply_unary(node, t):
-    """float64 value of a one-input elementwise op on ``t`` (None if not one of _UNARY)."""
-    if node.op in SCALAR_ARITH:
-        c = float(node.attr('scalar'))
-        return {'add': t + c, 'sub': t - c, 'rsub': c - t, 'mul': t * c, 'div': t / c,
-                'rdiv': np.divide(c, t, out=np.full_like(t, np.inf), where=t != 0)}[
-            SCALAR_ARITH[node.op]]
-    if node.op == 'clip':
-        return np.clip(t, float(node.attr('a_min')), float(node.attr('a_max')))
-    if node.op == 'hard_sigmoid':
-        return np.clip(float(node.attr('alpha', '0.2')) * t + float(node.attr('beta', '0.5')),
-                       0.0, 1.0)
-    if _relu_like(node) == 'relu':
-        return np.maximum(t, 0.0)
-    return None
-
-
-def _unary_chain(graph, edge, users, stop=None):
-    """Walk back from ``edge`` through one-input elementwise ops that have no other reader:
-    ``(source edge, nodes from source to edge)``; stops at ``stop`` (an edge) if given."""
-    nodes = []
-    while edge != stop:
-        node = graph.nodes[edge[0]]
-        if node.is_var or node.op not in _UNARY or len(node.inputs) != 1 or \
-                _apply_unary(node, _PROBE) is None or \
-                (nodes and len(users.get(edge, [])) != 1):
-            break
-        nodes.insert(0, node)
-        edge = node.inputs[0]
-    return edge, nodes
-
-
-def _evaluate(nodes, t):
-    for n in nodes:
-        t = _apply_unary(n, t)
-    return t
-
-
-def _hardsigmoid_params(values):
-    """``(a, b)`` if ``values`` (on _PROBE) are ``clip(a t + b, 0, 1)`` with a > 0."""
-    inside = (values > 1e-9) & (values < 1 - 1e-9)
-    if inside.sum() < 2:
-        return None
-    a, b = np.polyfit(_PROBE[inside], values[inside], 1)
-    if a <= 0 or not np.allclose(values, np.clip(a * _PROBE + b, 0, 1), atol=1e-9):
-        return None
-    return a, b
-
-
-def recognize(graph):
-    """Hardswish, hardsigmoid and squeeze-excite gates, however an exporter spelled them:
-    ``{node name: what the node is part of}``. They stay float between int8 layers; the
-    int8 layer after them quantizes their float output with its calibrated range."""
-    users = graph.edge_users()
-    found = {}
-    keep = ('kept float between int8 layers; the next int8 layer quantizes its float output '
-            'with the calibrated range')
-
-    def mark(nodes, text):
-        for n in nodes:
-            found.setdefault(n.name, text)
-
-    for node in graph.op_nodes():
-        if node.op in _MUL_OPS and len(node.inputs) == 2 and \
-                not any(e[0] in graph.params for e in node.inputs):
-            for k in (0, 1):
-                x, g = node.inputs[k], node.inputs[1 - k]
-                src, chain = _unary_chain(graph, g, users, stop=x)
-                if src != x or not chain:
-                    continue
-                g_of_t = _evaluate(chain, _PROBE)      # relu6(x + 3) is 6 hardsigmoid(x)
-                hs = _hardsigmoid_params(g_of_t / g_of_t.max()) if g_of_t.max() > 0 else None
-                if hs is None:
-                    continue
-                tail = []                       # x * relu6(x + 3) followed by / 6
-                out = (node.name, 0)
-                while len(users.get(out, [])) == 1 and users[out][0] is not None and \
-                        graph.nodes[users[out][0]].op in ('_div_scalar', '_mul_scalar'):
-                    tail.append(graph.nodes[users[out][0]])
-                    out = (tail[-1].name, 0)
-                mark(chain + [node] + tail, 'hardswish x * clip(%.4g x + %.4g, 0, 1) '
-                     '(%d ops): %s' % (hs[0], hs[1], len(chain) + 1 + len(tail), keep))
-                break
-            else:
-                shapes = sorted((graph.shape(e) or () for e in node.inputs), key=np.prod)
-                gs, xs = shapes
-                if len(xs) == len(gs) == 4 and gs[2:] == (1, 1) and xs[:2] == gs[:2] and \
-                        xs[2] * xs[3] > 1:
-                    mark([node], 'squeeze-excite gate x * g(x) per channel: ' + keep)
-        elif node.op in ('clip', 'hard_sigmoid') and node.name not in found:
-            src, chain = _unary_chain(graph, (node.name, 0), users)
-            hs = _hardsigmoid_params(_evaluate(chain, _PROBE)) \
-                if len(chain) > 1 or node.op == 'hard_sigmoid' else None
-            if hs is not None:
-                mark(chain, 'hardsigmoid clip(%.4g x + %.4g, 0, 1): %s' % (hs[0], hs[1], keep))
-    return found
 
 
 def _decide_int8_tensors(graph, units):
