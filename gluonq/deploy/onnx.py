@@ -1441,9 +1441,11 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
         gluonq's int8 input and weights: exact, but slower. True rounds its result to an
         8-bit intermediate at the calibrated range (``qnet.spec['float_result_ranges']``
         or ``calib_data``; see :func:`float_result_ranges`), so that it runs as a
-        QLinearConv: rapidocr's MobileNetV3 classifier ran about 1.2x faster in
-        onnxruntime, at 1.5-2.5 dB lower logit SQNR (its recognizer lost 5 points of exact
-        match), as onnxruntime's own quantizer does it. Only for
+        QLinearConv, as onnxruntime's own quantizer does: rapidocr's three models ran
+        1.1-1.9x faster in onnxruntime (``benchmarks/bench_real_speed.py``), at 1.5 and
+        2.5 dB lower logit SQNR on its classifier (percentile, entropy calibration) and 5
+        points less exact match on its recognizer (``tests/test_real_models.py``'s
+        settings). Only for
         ``target='onnxruntime'``.
 
     Returns
