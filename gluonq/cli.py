@@ -98,6 +98,10 @@ def _parser():
                      '(U8U8: exact also on CPUs without VNNI, where U8S8 saturates), or '
                      'auto (default): int8 where onnxruntime\'s U8S8 is exact on this CPU, '
                      'else uint8')
+    out.add_argument('--onnx-round-float-results', action='store_true',
+                     help='round the float results of convolutions (before a float hardswish '
+                     'or gate) to 8 bits in the ONNX model, so that onnxruntime runs them as '
+                     'QLinearConv: faster, less accurate (export_onnx round_float_results)')
     out.add_argument('--openvino', metavar='PATH.xml', help='also write an OpenVINO IR '
                      '(PATH.xml + PATH.bin, int8 weights; needs gluonq[openvino])')
     out.add_argument('--report-png', metavar='PATH', help='bar chart of per-layer SQNR')
@@ -439,7 +443,8 @@ def _write_outputs(args, qnet, rows, summary):
         jobs.append((args.export_compact, lambda p: gluonq.export_compact(qnet, p)))
     if args.onnx:
         jobs.append((args.onnx, lambda p: [gluonq.export_onnx(
-            qnet, p, weight_dtype=args.onnx_weights)]))
+            qnet, p, weight_dtype=args.onnx_weights,
+            round_float_results=args.onnx_round_float_results)]))
     if args.openvino:
         jobs.append((args.openvino, lambda p: list(gluonq.export_openvino(qnet, p))))
     if args.report_png:

@@ -591,3 +591,19 @@ def test_images_reach_the_network_as_rgb_resized_and_normalized(tiny_ckpt, tmp_p
                                    rtol=1e-6)
         # the network's quantized input covers exactly these values
         _assert_covers_exactly(_side(out)['qparams']['data'], want)
+
+
+def test_onnx_round_float_results_from_the_command_line(tiny_ckpt, tmp_path, monkeypatch):
+    """--onnx-round-float-results reaches export_onnx; without it the export is exact."""
+    pytest.importorskip('onnx')
+    calls = []
+    real = gluonq.export_onnx
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get('round_float_results'))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gluonq, 'export_onnx', spy)
+    for k, flag in enumerate(([], ['--onnx-round-float-results'])):
+        out, path = tmp_path / ('q%d' % k), str(tmp_path / ('q%d.onnx' % k))
+        assert cli.main(_argv(tiny_ckpt, out, '--onnx', path, *flag)) == 0
+    assert calls == [False, True]
