@@ -177,11 +177,17 @@ def simplify(graph):
     users = graph.edge_users()
     rewrites = []            # (removed nodes, input edge, a, b, k or None for hardsigmoid)
     taken = set()
+
+    def free(nodes):         # no node taken, and nothing outside reads one but the last
+        names = {n.name for n in nodes}
+        return not taken.intersection(names) and all(
+            set(users.get((n.name, 0), ())) <= names for n in nodes[:-1])
+
     for node in graph.op_nodes():
         if node.name in taken:
             continue
         m = _hardswish_match(graph, node, users)
-        if m is not None and not taken.intersection(n.name for n in m[1]):
+        if m is not None and free(m[1]):
             rewrites.append((m[1], m[0], m[2], m[3], m[4]))
             taken.update(n.name for n in m[1])
     for node in graph.op_nodes():
@@ -189,7 +195,7 @@ def simplify(graph):
             continue
         src, chain = _unary_chain(graph, (node.name, 0), users)
         hs = _exact_hardsigmoid(chain, 1.0) if len(chain) > 1 else None
-        if hs is not None and not taken.intersection(n.name for n in chain):
+        if hs is not None and free(chain):
             rewrites.append((chain, src, hs[0], hs[1], None))
             taken.update(n.name for n in chain)
     for removed, x, a, b, k in rewrites:

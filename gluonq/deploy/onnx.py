@@ -36,8 +36,8 @@ model built from the QuantizedNet's own steps and integer parameters:
   ``DQ -> MatMul -> Q`` (QLinearMatMul, or MatMulIntegerToFloat with a float output);
 * ops gluonq leaves in float (``FloatOp`` steps) are converted with MXNet's own ONNX
   converters (``mx.onnx``, which needs onnx 1.18.0) one op at a time and spliced in, except
-  those in ``_FLOAT_HANDLERS`` (LayerNorm, mean, erf, the shape operators), which gluonq
-  writes itself; an op neither can convert raises :class:`ONNXExportError` naming the
+  those in ``_FLOAT_HANDLERS`` (LayerNorm, mean, erf, the shape operators, global average
+  pooling as ReduceMean, OpenVINO's hardsigmoid form), which gluonq writes itself; an op neither can convert raises :class:`ONNXExportError` naming the
   step.
 
 Integer agreement with gluonq's MXNet int8 network. onnxruntime's QLinearConv computes
@@ -64,6 +64,8 @@ are then identical. What still differs:
 * average pooling over ``n`` values: equal where ``n`` is odd or a power of two; for other
   ``n`` (a 14 x 14 global pool, a 2 x 3 kernel) a sum exactly at a tie can round one step
   the other way;
+* with ``round_float_results``, a convolution's float result is rounded to an 8-bit
+  intermediate: by at most half its step where it does not saturate;
 * a float output (the classifier) is ``float32(acc) * (s_x * s_w)`` in onnxruntime and
   ``float32(acc) / (inv_x * inv_w)`` in gluonq: equal within a few float32 ulps.
 
@@ -655,7 +657,7 @@ def _read_subsampled_only(b, key):
     float, also on the anchors' own QDQ models. Subsampled on the integers first
     (:meth:`subsample`), they stay int8 and share the one subsampling. onnxruntime runs
     the strided convolutions faster than the subsampling and unstrided ones (its
-    profiler on ResNet-50 v1: 1.5-1.9% of a call), so only the OpenVINO graph has it."""
+    profiler on ResNet-50 v1: 1.4-1.9% of a call), so only the OpenVINO graph has it."""
     if key in b.spec['outputs']:
         return False
     strides = set()
@@ -1129,9 +1131,9 @@ def _float_shape(b, step, block, ins):
 def _float_hard_sigmoid(b, step, block, ins):
     """For OpenVINO, ``hard_sigmoid(x; 1/6, 1/2)`` as ``Clip(x + 3, 0, 6) / 6``: the form its
     HSigmoid fusion recognizes, after which ``x * HSigmoid(x)`` becomes an HSwish fused into
-    the int8 convolution before it (an ONNX HardSigmoid stays a separate float op there,
-    which cost MobileNetV3's classifier 1.3x). Otherwise None (MXNet's converter writes
-    HardSigmoid, one kernel in onnxruntime)."""
+    the int8 convolution before it (an ONNX HardSigmoid stays a separate float op there:
+    rapidocr's MobileNetV3 classifier ran 1.6-2x slower with it). Otherwise None (MXNet's
+    converter writes HardSigmoid, one kernel in onnxruntime)."""
     a = block._attrs
     alpha, beta = float(_lit(a.get('alpha'), 0.2)), float(_lit(a.get('beta'), 0.5))
     if b.target != 'openvino' or not (np.isclose(alpha, 1 / 6, rtol=1e-6) and
@@ -1272,8 +1274,8 @@ def _residual_layers(qnet):
 
 def _float_result_convs(qnet):
     """Convolutions with a float output and no residual: onnxruntime has no int8
-    convolution with a float output (QLinearConv), so its layout rounds their result to an
-    8-bit intermediate (:func:`_float_result_intermediate`)."""
+    convolution with a float output (QLinearConv), so ``round_float_results`` rounds their
+    result to an 8-bit intermediate (:func:`_float_result_intermediate`)."""
     return [s for s in qnet.spec['steps'] if s['block'].startswith('QuantizedConv') and
             _out_qp(qnet._children[s['name']]) is None and
             not qnet._children[s['name']]._residual]
@@ -1433,7 +1435,9 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
     target : {'onnxruntime', 'openvino'}
         The runtime the graph is laid out for. The integers are the same; 'openvino'
         subsamples the input of strided 1x1 convolutions first, which keeps them int8 in
-        OpenVINO (and costs onnxruntime about 2% on ResNet-50 v1).
+        OpenVINO (and costs onnxruntime about 2% on ResNet-50 v1), writes
+        ``hard_sigmoid(x; 1/6, 1/2)`` as ``Clip(x + 3, 0, 6) / 6`` (the form OpenVINO fuses
+        into an HSwish) and takes int8 weights.
         :func:`gluonq.export_openvino` writes OpenVINO's own IR of that graph.
     round_float_results : bool
         onnxruntime has no int8 convolution with a float output (a conv before a float
