@@ -84,8 +84,7 @@ from ..atomic import atomic_outputs
 from ..convert.qnet import QuantizedNet, _find_op
 from .registry import Registry
 
-__all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'float_result_ranges',
-           'ONNXExportError', 'tensor_names',
+__all__ = ['export_onnx', 'to_onnx', 'preadd_ranges', 'ONNXExportError', 'tensor_names',
            'residual_intermediates', 'onnx_zero_point', 'matching_weight_scales',
            'ort_u8s8_exact', 'resolve_weight_dtype', 'TARGETS']
 
@@ -1295,15 +1294,6 @@ def preadd_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
                           num_calib_examples, batch_size)
 
 
-def float_result_ranges(qnet, calib_data, calib_mode=None, num_calib_examples=None,
-                        batch_size=32):
-    """Calibrated ranges of the results of convolutions with a float output (as
-    :func:`preadd_ranges`): the 8-bit intermediate onnxruntime's layout rounds them to.
-    Returns ``{step name: (lo, hi)}``."""
-    return _result_ranges(qnet, _float_result_convs(qnet), calib_data, calib_mode,
-                          num_calib_examples, batch_size)
-
-
 def _result_ranges(qnet, layers, calib_data, calib_mode, num_calib_examples, batch_size):
     """``{step name: (lo, hi)}``: the calibrated range of the unrounded result
     ``c = s_x * s_w * (sum q_x q_w + q_b)`` of each layer step in ``layers``, on gluonq's
@@ -1444,8 +1434,8 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
         hardswish or gate), so by default such a convolution runs in float there, on
         gluonq's int8 input and weights: exact, but slower. True rounds its result to an
         8-bit intermediate at the calibrated range (``qnet.spec['float_result_ranges']``
-        or ``calib_data``; see :func:`float_result_ranges`), so that it runs as a
-        QLinearConv, as onnxruntime's own quantizer does: rapidocr's three models ran
+        or, with ``calib_data``, observed as :func:`preadd_ranges` does), so that it runs
+        as a QLinearConv, as onnxruntime's own quantizer does: rapidocr's three models ran
         1.1-1.9x faster in onnxruntime (``benchmarks/bench_real_speed.py``), at 1.5 and
         2.5 dB lower logit SQNR on its classifier (percentile, entropy calibration) and 5
         points less exact match on its recognizer (``tests/test_real_models.py``'s
