@@ -63,6 +63,8 @@ that lo is a whole step), snapped like a uint8 magnitude; ``inv = f32(255 / span
 ``acc = sum(q_w * (q_x - z)) + q_b`` with padding by ``z`` (a real 0), ``q_b`` at
 ``s_x = f32(span / 255)``, saturated with twice the uint8 headroom.
 """
+import os
+
 import numpy as np
 
 #: Largest integer magnitude of each activation dtype's symmetric range.
@@ -354,6 +356,18 @@ def dense_int(qx, qw, flatten=True):
     return np.tensordot(x, np.asarray(qw).astype(np.int64), axes=([-1], [1]))
 
 
+def avx512_isa():
+    """Does oneDNN run AVX-512 kernels here? From ``/proc/cpuinfo`` and oneDNN's
+    ``DNNL_MAX_CPU_ISA`` (``AVX2`` caps it), not from the code under test."""
+    if os.environ.get('DNNL_MAX_CPU_ISA', '').upper().startswith(('AVX2', 'SSE')):
+        return False
+    try:
+        with open('/proc/cpuinfo') as f:
+            return ' avx512f' in f.read()
+    except OSError:
+        return False
+
+
 def onednn_conv_ref(qx, qw, stride=1, pad=0, dilate=1, groups=1, vnni=True, halved=None):
     """oneDNN's int32 accumulator of an int8 convolution on a CPU with or without VNNI.
 
@@ -361,7 +375,9 @@ def onednn_conv_ref(qx, qw, stride=1, pad=0, dilate=1, groups=1, vnni=True, halv
     default ``round_half_even(qw / 2)``) and the exact product with ``2 * halved`` results;
     for uint8 data the products of consecutive input channels of a group are added in int16
     with saturation, except for depthwise convolutions (one channel per group), which are
-    exact.
+    exact, and, with AVX2 kernels (no AVX-512), except where the input or output channels
+    of a group are not a multiple of 4 (then oneDNN 2.4.4 runs an exact gemm-based kernel;
+    measured on an AVX2 EPYC).
     """
     if vnni:
         return conv_int(qx, qw, stride, pad, dilate, groups)
@@ -370,6 +386,8 @@ def onednn_conv_ref(qx, qw, stride=1, pad=0, dilate=1, groups=1, vnni=True, halv
         h = np.rint(qw / 2.0) if halved is None else np.asarray(halved).reshape(qw.shape)
         return conv_int(qx, 2 * h.astype(np.int64), stride, pad, dilate, groups)
     if qw.shape[1] == 1 and groups > 1:
+        return conv_int(qx, qw, stride, pad, dilate, groups)
+    if not avx512_isa() and (qw.shape[1] % 4 or (qw.shape[0] // groups) % 4):
         return conv_int(qx, qw, stride, pad, dilate, groups)
     return _conv(qx, qw, stride, pad, dilate, groups, _int16_pairs_sum)
 

@@ -255,7 +255,8 @@ def test_chunked_conv_is_exact_past_2_24(seed, groups, cg):
 def test_mxnet_quantized_conv_follows_the_cpu_model(seed, cin, cout, k, pad, stride,
                                                     extreme):
     """``contrib.quantized_conv`` (oneDNN, uint8 data) computes the model of this CPU kind:
-    exact with VNNI, int16 pair saturation without (``DNNL_MAX_CPU_ISA=AVX512_CORE``).
+    exact with VNNI, int16 pair saturation without (``DNNL_MAX_CPU_ISA=AVX512_CORE``, or an
+    AVX2 CPU where the channel counts are multiples of 4).
 
     Only where the documented model holds: without VNNI, an odd channel count with a kernel
     wider than 1 pairs its products differently (measured, not modelled)."""
