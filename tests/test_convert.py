@@ -317,11 +317,7 @@ def test_standalone_relu_operand_keeps_the_residual_layer_fused():
                 st['block'] == 'QuantizedConv2D')
     assert q._children[step['name']]._out_dtype == 'int8'
     report = {r['step']: r for r in lower.lower(q, exact=False).report}   # the fast path
-    # without VNNI a layer with int8 input runs as the exact reference block (oneDNN would
-    # halve its weights), so its residual's typing decides nothing there
-    signed_in = q._children[step['name']]._in_dtype == 'int8'
-    want = 'fused' if lower.int8_kernels_exact() or not signed_in else 'reference'
-    assert report[step['name']]['lowering'] == want, report[step['name']]
+    assert report[step['name']]['lowering'] == 'fused', report[step['name']]
     if lower.int8_kernels_exact():
         y = q(mx.nd.array(x)).asnumpy()
         q.hybridize()

@@ -227,8 +227,7 @@ class QuantizedNet(HybridBlock):
         ``exact`` is passed to :func:`gluonq.lower.lower`: with VNNI the fast graph gives
         gluonq's integers either way (``exact=False`` may differ by one step where a value
         lies within about 1e-5 of a rounding tie); on a CPU without VNNI ``exact=False``
-        runs oneDNN's saturating int8 arithmetic on layers with uint8 input (a warning says
-        so; layers with int8 input run gluonq's exact reference) and ``exact=True`` the
+        runs oneDNN's saturating int8 arithmetic (a warning says so) and ``exact=True`` the
         bit-exact, slower "split" convolutions. Symbolic calls (export) still trace the
         reference chain. ``fast=False``: Gluon's hybridize of the reference chain.
         """
@@ -292,11 +291,10 @@ class QuantizedNet(HybridBlock):
             if not fast.exact and not _fast_path('kernels_exact')():
                 warnings.warn(
                     "this CPU has no VNNI: oneDNN's int8 kernels add pairs of uint8*int8 "
-                    'products in int16 with saturation (as MXNet\'s own int8 and onnxruntime '
-                    'do on such CPUs), so layers with uint8 input can differ slightly from '
-                    "gluonq's integers here (layers with int8 input run gluonq's exact "
-                    'reference); hybridize(exact=True) is bit-exact but slower',
-                    RuntimeWarning, stacklevel=4)
+                    'products in int16 with saturation and round weights for int8 inputs (as '
+                    "MXNet's own int8 and onnxruntime do on such CPUs), so the fast path can "
+                    "differ slightly from gluonq's integers here; hybridize(exact=True) is "
+                    'bit-exact but slower', RuntimeWarning, stacklevel=4)
             fast.lowered = _fast_path('lower')(self, exact=fast.exact)
             blk = fast.lowered.block(release=True)
             hyb = {'static_alloc': True, 'static_shape': True}

@@ -77,21 +77,14 @@ beyond 2**24 rounds to float32 at another point than in the reference.
 oneDNN's int8 kernels add pairs of u8 * s8 products in int16 with saturation (``vpmaddubsw``:
 255 * 127 * 2 > 32767) and, for int8 data, round the weights to even values first -- as
 MXNet's own int8 flow and onnxruntime's U8S8 kernels do on such CPUs.
-:func:`int8_kernels_exact` probes the CPU once. Where the kernels are not exact:
-
-* a layer with **int8 input** runs as gluonq's reference block either way (exact). The fused
-  convolution would halve its weights on every call -- in effect 7-bit weights, which cost
-  rapidocr's recognizer (int8 inputs after hardswish) 5.5 points of exact match on an AVX2
-  EPYC against 1.0 gained by the exact chain, at about 2.4x the fused time there
-  (``tests/test_real_models.py``); a fused dense layer would shift the input to uint8,
-  where pairs of large same-signed weights saturate on ordinary inputs;
-* a layer with uint8 input (after a ReLU) stays fused with ``exact=False``: a pair saturates
-  only where two large products of one sign meet, so the fused kernel is within that
-  saturation of the reference. ``exact=True`` lowers these convolutions as "split": the
-  uint8 input goes in as two halves of at most 128 (:func:`gluonq.quant.split_operand_f`),
-  so no pair saturates, each half through a fused int8 convolution returning int32, then
-  gluonq's epilogue as float operators -- bit-exact, but several times slower than the
-  fused kernels; dense layers run gluonq's reference dense.
+:func:`int8_kernels_exact` probes the CPU once. Where the kernels are not exact, ``exact=True``
+lowers every convolution as "split": the uint8 input goes in as two halves of at most 128
+(int8 input as its positive and negative parts, :func:`gluonq.quant.split_operand_f`), so no
+pair saturates and nothing is rounded, each half through a fused int8 convolution returning
+int32, then gluonq's epilogue as float operators -- bit-exact, but several times slower
+than the fused kernels (and than fp32); dense layers run gluonq's reference dense, which
+splits the same way. ``exact=False`` keeps the fused layers
+(fast, within oneDNN's saturation of the reference).
 
 **int8 weights on disk** (``int8_weights=True``): the weights are int8 parameters and each
 fused convolution computes its fp32 image in the graph (``Cast``, per-channel scale, and a
@@ -315,9 +308,6 @@ def _tensor_image(q2d):
 _INT8_EXACT = None
 _NO_VNNI = ("this CPU has no VNNI: oneDNN's int8 kernels saturate pairs of u8*s8 products at "
             'int16 (see int8_kernels_exact)')
-_NO_VNNI_SIGNED = ("this CPU has no VNNI: oneDNN would halve the weights of a layer with int8 "
-                   'input (convolution) or shift the input to uint8 and saturate pairs at int16 '
-                   '(dense)')
 _NO_INT8_MATMUL = ("MXNet 1.9.1 has no int8 product of two tensors (its only ones, "
                    '_sg_mkldnn_selfatt_qk/valatt, take one interleaved q/k/v tensor from '
                    'subgraph partitioning): %d float32 product(s) of the integers, each with '
@@ -1067,13 +1057,10 @@ def _layer(ctx, step, block):
         return
     x, residual, q, s_w, b_q = operands
     is_conv = step['block'] == 'QuantizedConv2D'
-    if not int8_kernels_exact():
-        if x.mxdt == 'int8':
-            return _reference(ctx, step, block, 'reference', _NO_VNNI_SIGNED)
-        if ctx.exact:
-            if not is_conv:
-                return _reference(ctx, step, block, 'reference', _NO_VNNI)
-            return _split_conv(ctx, step, block, x, residual, q, s_w, b_q)
+    if ctx.exact and not int8_kernels_exact():
+        if not is_conv:
+            return _reference(ctx, step, block, 'reference', _NO_VNNI)
+        return _split_conv(ctx, step, block, x, residual, q, s_w, b_q)
     C = q.shape[0]
     q2d = q.reshape(C, -1)
     mode, why, out_mxdt = _layer_mode(block, is_conv, residual, q)
@@ -1467,13 +1454,11 @@ def lower(qnet, exact=True, int8_weights=False):
 
     ``exact=True``: every int8 tensor equals the reference chain's; a layer that the fused
     kernel cannot reproduce exactly runs as an int8 convolution with gluonq's float32
-    epilogue ("int32" lowering), and on a CPU without VNNI every convolution with uint8 input runs "split"
+    epilogue ("int32" lowering), and on a CPU without VNNI every convolution runs "split"
     (see the module docstring). ``exact=False`` also fuses layers whose ranges have no
     exact MXNet form, with requantize multipliers within one float32 ulp of gluonq's (a
     result can then differ by 1 where the reference is within about 1e-5 of a rounding
-    tie), and fuses layers with uint8 input on CPUs without VNNI too (where oneDNN
-    saturates int16 pairs). Either way, without VNNI a layer with int8 input runs as
-    gluonq's reference block. Reads
+    tie), and fuses on CPUs without VNNI too (where oneDNN saturates int16 pairs). Reads
     the current parameter values; call again after changing them.
 
     ``int8_weights=True`` keeps the weights int8 in the parameters (a file about a quarter of
