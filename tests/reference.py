@@ -363,7 +363,7 @@ def avx512_isa():
         return False
     try:
         with open('/proc/cpuinfo') as f:
-            return ' avx512f' in f.read()
+            return 'avx512f' in f.read().split()
     except OSError:
         return False
 
