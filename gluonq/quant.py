@@ -396,37 +396,59 @@ def _fused_exact_scales(wc, s0):
     that re-derives exactly is taken; only scales of those two kinds are tried.
     """
     scale = s0.astype(np.float32).copy()
-    good = _good_mantissas()
     for c in np.flatnonzero(~_fused_rederive_ok(wc, scale)):
-        s0c = float(scale[c])
-        # candidates: the scales whose m = f32(127.5 * s) is good, over the binades that
-        # 0.3% around m0 spans, and those just below w_p / 126.5 (the largest positive
-        # weight w_p then reaches +127)
-        blo, bhi = (int(np.array([127.5 * s0c * f], np.float32).view(np.uint32)[0])
-                    for f in (1 - 3.1e-3, 1 + 3.1e-3))
-        ms = [expo + good[np.searchsorted(good, max(blo - expo, 0)):
-                          np.searchsorted(good, min(bhi - expo, 0x7FFFFF), 'right')]
-              for expo in range(blo & ~0x7FFFFF, (bhi & ~0x7FFFFF) + 1, 1 << 23)]
-        ms = np.concatenate(ms).astype(np.uint32).view(np.float32)
-        near = [(ms / np.float32(127.5)).astype(np.float32)]
+        s0c = scale[c:c + 1]
+        s0b = int(s0c.view(np.int32)[0])
         w_p = float(wc[c].max())
-        if w_p > 0:
-            near.append(np.array([w_p / 126.5], np.float32))
-        nb = np.concatenate(near).view(np.int32)
-        # every float32 s with f32(127.5 * s) == m lies within 2 ulps of m / 127.5
-        sb = np.unique(nb[:, None] + np.arange(-3, 4, dtype=np.int32))
-        s0b = int(scale[c:c + 1].view(np.int32)[0])
-        ss = sb[np.lexsort((-sb, np.abs(sb.astype(np.int64) - s0b)))].view(np.float32)
-        ss = ss[np.abs(ss.astype(np.float64) / s0c - 1) <= 3e-3]
-        i, size = 0, 16
-        while i < ss.size:                # nearest first (ties: larger), growing chunks
-            part = ss[i:i + size]
-            ok = _fused_rederive_ok(np.repeat(wc[c:c + 1], part.size, axis=0), part)
+        # the candidates nearest s0 first: a window of float32 steps around it, widened
+        # until one re-derives or the window covers the 0.3%
+        k = 16
+        while True:
+            ss, covers = _scale_candidates(s0c, s0b - k, s0b + k, w_p)
+            ok = _fused_rederive_ok(np.repeat(wc[c:c + 1], ss.size, axis=0), ss) \
+                if ss.size else np.zeros(0, bool)
             if ok.any():
-                scale[c] = part[int(np.argmax(ok))]
+                scale[c] = ss[int(np.argmax(ok))]
                 break
-            i, size = i + size, 2 * size
+            if covers:
+                break
+            k *= 4
     return scale
+
+
+def _scale_candidates(s0, lo, hi, w_p):
+    """The float32 scales with bits in ``[lo, hi]``, within 0.3% of ``s0`` (shape (1,)), that
+    :func:`_fused_exact_scales` tries, nearest ``s0`` first (ties: the larger); and whether
+    ``[lo, hi]`` covers every scale within 0.3%.
+
+    They lie within 3 float32 steps of ``f32(m / 127.5)`` for a good ``m`` (the mantissas
+    of :func:`_good_mantissas`, ``m`` within 0.31% of ``127.5 * s0``) or of
+    ``f32(w_p / 126.5)`` (the largest positive weight ``w_p`` then reaches +127).
+    """
+    s0c = float(s0[0])
+    f = np.float32
+    mb = lambda v: int(np.array([v], f).view(np.uint32)[0])   # noqa: E731
+    # m = f32(127.5 s) is monotonic in s: the good m whose f32(m / 127.5) can fall within
+    # 3 steps of [lo, hi] lie within a few steps of f32(127.5 s) at the window's ends
+    ends = np.array([lo - 3, hi + 3], np.int32).view(f)
+    m_lo = max(mb(f(127.5) * ends[0]) - 4, mb(127.5 * s0c * (1 - 3.1e-3)))
+    m_hi = min(mb(f(127.5) * ends[1]) + 4, mb(127.5 * s0c * (1 + 3.1e-3)))
+    mbits = np.arange(m_lo, m_hi + 1, dtype=np.int64)
+    good = _good_mantissas()
+    mant = mbits & 0x7FFFFF
+    at = np.minimum(np.searchsorted(good, mant), good.size - 1)
+    ms = mbits[good[at] == mant].astype(np.uint32).view(f)
+    near = [(ms / f(127.5)).astype(f)]
+    if w_p > 0:
+        near.append(np.array([w_p / 126.5], f))
+    nb = np.concatenate(near).view(np.int32).astype(np.int64)
+    sb = np.unique(nb[:, None] + np.arange(-3, 4))
+    sb = sb[(sb >= lo) & (sb <= hi)]
+    s0b = int(s0.view(np.int32)[0])
+    ss = sb[np.lexsort((-sb, np.abs(sb - s0b)))].astype(np.int32).view(f)
+    ss = ss[np.abs(ss.astype(np.float64) / s0c - 1) <= 3e-3]
+    edges = np.array([lo, hi], np.int32).view(f).astype(np.float64) / s0c - 1
+    return ss, bool(edges[0] < -3e-3 and edges[1] > 3e-3)
 
 
 def fused_weight_image(q, scale, axis=0):
@@ -440,11 +462,11 @@ def fused_weight_image(q, scale, axis=0):
     qc = np.moveaxis(q, axis, 0).reshape(q.shape[axis], -1).astype(np.float32)
     s = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (qc.shape[0],))
     img = (qc * s[:, None]).astype(np.float32)
-    for c in range(qc.shape[0]):
-        top = np.flatnonzero(qc[c] == 127)
-        k = top[0] if top.size else (np.flatnonzero(qc[c] == -127)[:1].tolist() or [None])[0]
-        if k is not None:
-            img[c, k] = np.sign(qc[c, k]) * np.float32(np.float32(127.5) * s[c])
+    # per channel, the first +127, else the first -127
+    pos, neg = qc == 127, qc == -127
+    rows = np.flatnonzero(pos.any(axis=1) | neg.any(axis=1))
+    k = np.where(pos.any(axis=1), pos.argmax(axis=1), neg.argmax(axis=1))[rows]
+    img[rows, k] = np.sign(qc[rows, k]) * (np.float32(127.5) * s[rows]).astype(np.float32)
     return np.moveaxis(img.reshape((q.shape[axis],) + tuple(np.delete(q.shape, axis))), 0, axis)
 
 
