@@ -1438,8 +1438,8 @@ def export_onnx(qnet, path, input_shape=None, opset=13, overwrite=False, act_dty
         as a QLinearConv, as onnxruntime's own quantizer does: rapidocr's three models ran
         1.1-1.9x faster in onnxruntime (``benchmarks/bench_real_speed.py``), at 1.5 and
         2.5 dB lower logit SQNR on its classifier (percentile, entropy calibration) and 5
-        points less exact match on its recognizer (``tests/test_real_models.py``'s
-        settings). Only for
+        points less exact match on its recognizer (the settings of
+        ``tests/test_real_cls.py`` and ``test_real_rec.py``). Only for
         ``target='onnxruntime'``.
 
     Returns
