@@ -208,17 +208,23 @@ class HistogramObserver(Observer):
         Values below the threshold get rounding error (evaluated at 4 points per bin), values
         above it get their clipping error; exact zeros have none.
         """
-        t = np.atleast_1d(np.asarray(thresholds, np.float64))[:, None, None]
+        ts = np.atleast_1d(np.asarray(thresholds, np.float64))
         n = self.hist.size
         sub = (np.arange(4) + 0.5) / 4.0
-        pts = (np.arange(n)[:, None] + sub[None, :]) * self.width       # (n, 4)
-        cnt = (self.hist[:, None] / 4.0)[None]                            # (1, n, 4)
-        step = t / self.levels
-        x = pts[None]
-        inside = x <= t
-        rounding = x - step * np.rint(x / step)
-        err = np.where(inside, rounding * rounding, (x - t) ** 2)
-        return (err * cnt).sum(axis=(1, 2))
+        x = ((np.arange(n)[:, None] + sub[None, :]) * self.width)[None]    # (1, n, 4)
+        cnt = (self.hist[:, None] / 4.0)[None]                              # (1, n, 4)
+        out = np.empty(ts.size)
+        # a few thresholds at a time, so that the temporaries stay in cache (each row's
+        # sum is the same whatever the chunk)
+        per = max(1, (1 << 15) // (4 * n))
+        for i in range(0, ts.size, per):
+            t = ts[i:i + per, None, None]
+            step = t / self.levels
+            inside = x <= t
+            rounding = x - step * np.rint(x / step)
+            err = np.where(inside, rounding * rounding, (x - t) ** 2)
+            out[i:i + per] = (err * cnt).sum(axis=(1, 2))
+        return out
 
     def clipped_fraction(self, threshold):
         """Fraction of the non-zero values above ``threshold``."""
