@@ -27,7 +27,6 @@ ort = pytest.importorskip('onnxruntime')
 ocr_data = pytest.importorskip('ocr_data')
 
 import gluonq  # noqa: E402
-from gluonq import quant  # noqa: E402,F401  (re-exported to the test files)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))

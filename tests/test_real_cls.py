@@ -5,8 +5,10 @@ import os
 import mxnet as mx
 import pytest
 
-from real_models import (CALIB_SEED, TEST_SEED, RUNS, batched, every_run, gluonq, imported,
-                         ocr_data, ort_quantize_static, paired_drop, quant, session)
+import gluonq
+from gluonq import quant
+from real_models import (CALIB_SEED, TEST_SEED, RUNS, batched, every_run, imported,
+                         ocr_data, ort_quantize_static, paired_drop, session)
 
 CALIB_MODES = ('naive', 'percentile', 'entropy', 'mse')
 #: 400 test images, so the 0.5-point bar is 2 images

@@ -6,8 +6,10 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from real_models import (CALIB_SEED, TEST_SEED, RUNS, batched, every_run, gluonq, imported,
-                         ocr_data, ort_quantize_static, quant, session)
+import gluonq
+from gluonq import quant
+from real_models import (CALIB_SEED, TEST_SEED, RUNS, batched, every_run, imported,
+                         ocr_data, ort_quantize_static, session)
 
 #: 24 pages of 256x256 (about 270 text lines), the 1-point F1 bar is several boxes
 DET_CALIB, DET_TEST, DET_SIZE = 8, 24, (256, 256)

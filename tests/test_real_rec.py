@@ -2,7 +2,8 @@
 exact match of fp32 (tests/real_models.py)."""
 import numpy as np
 
-from real_models import (CALIB_SEED, TEST_SEED, RUNS, every_run, gluonq, imported, ocr_data,
+import gluonq
+from real_models import (CALIB_SEED, TEST_SEED, RUNS, every_run, imported, ocr_data,
                          paired_drop, session)
 
 #: 400 lines of width 160 (up to 8 characters), the 0.5-point bar is 2 lines
