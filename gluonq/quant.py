@@ -15,8 +15,10 @@ with a lopsided range, *affine* (``r = (q - z) * scale``):
 
 Weights are int8 with ``scale = max|w| / 127`` per tensor or per output channel (max-abs, so
 that oneDNN's own weight quantization reproduces the same integers). Biases are int32 at
-``s_x * s_w`` (the scheme of TFLite, ONNX QLinearConv and Brevitas' Int8Bias). The epilogue of a
-layer turns ``acc`` into its output:
+``s_x * s_w`` (the scheme of TFLite, ONNX QLinearConv and Brevitas' Int8Bias); where a bias is
+too large for int32 at that scale (a tiny input range, a channel of near-zero weights), the
+channel's weight scale is raised until it fits (:func:`quantize_weight_for_bias`). The epilogue
+of a layer turns ``acc`` into its output:
 
 * float output: ``y = float32(acc) * (s_x * s_w)``;
 * int8/uint8 output ("requantize"): ``q_y = saturate(round(float32(acc) * m))`` with
@@ -42,7 +44,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ['QRANGE', 'QBOUNDS', 'QParams', 'EPS_RANGE', 'dtype_for_range', 'scale_from_range',
-           'scale_from_max', 'quantize_weight', 'quantize_bias', 'bias_headroom',
+           'scale_from_max', 'quantize_weight', 'quantize_weight_for_bias', 'quantize_bias',
+           'bias_headroom',
            'fold_zero_point', 'accumulator_bound',
            'inv_scale_f', 'affine_inv_scale_f', 'quantize_affine_f', 'dequantize_affine_f',
            'affine_inv_scale_np', 'zero_point_np', 'SCHEMES', 'weight_inv_scale_f',
@@ -468,6 +471,42 @@ def fused_weight_image(q, scale, axis=0):
     k = np.where(pos.any(axis=1), pos.argmax(axis=1), neg.argmax(axis=1))[rows]
     img[rows, k] = np.sign(qc[rows, k]) * (np.float32(127.5) * s[rows]).astype(np.float32)
     return np.moveaxis(img.reshape((q.shape[axis],) + tuple(np.delete(q.shape, axis))), 0, axis)
+
+
+def quantize_weight_for_bias(w, b, s_in, in_dtype, zero_point=0, per_channel=True, axis=0):
+    """:func:`quantize_weight` for a layer with float bias ``b`` and input scale ``s_in``:
+    ``(q, scale, raised)``, ``raised`` the indices of the channels whose scale was raised.
+
+    A channel whose int32 bias ``|b| / (s_in * s_w)`` would exceed the room beside the
+    accumulator's headroom (:func:`quantize_bias`) gets the smallest float32 scale at which it
+    fits, instead of a bias that saturates (onnxruntime's ``_adjust_weight_scale_for_int32_bias``
+    does the same). Such a channel's output is nearly all bias: the coarser weight step moves
+    it by at most ``K * Q / (2 * room)`` of ``|b|`` (``K`` weights per channel, ``Q`` the
+    input's largest integer; 3e-4 for K = 4608 uint8 inputs, far less in practice), where a
+    saturated bias loses all of its excess. The headroom counted is that of the max-abs
+    integers plus one step per weight (room for AdaRound's rounding up); with per-tensor
+    weights the one scale is raised.
+    """
+    q, scale = quantize_weight(w, per_channel=per_channel, axis=axis)
+    w = np.moveaxis(np.asarray(w, np.float32), axis, 0)
+    n_out, k = w.shape[0], w[0].size
+    room = QBOUNDS['int32'][1] - bias_headroom(np.moveaxis(q, axis, 0), in_dtype, zero_point) \
+        - QRANGE_MAX_ABS[in_dtype] * k * (2 if zero_point else 1)
+    need = 1.0001 * np.abs(np.asarray(b, np.float64)).reshape(-1) / \
+        (np.float64(s_in) * np.maximum(room, 1))
+    if not per_channel:
+        need = need.max(keepdims=True)
+    low = np.flatnonzero(scale < need)
+    if not low.size:
+        return q, scale, low
+    scale = scale.copy()
+    s = need[low].astype(np.float32)
+    scale[low] = np.where(s < need[low], np.nextafter(s, np.float32(np.inf)), s)
+    wc = w.reshape(scale.size, -1)
+    qc = np.moveaxis(q, axis, 0).reshape(wc.shape).copy()
+    qc[low] = _quantize_rows(wc[low], scale[low])
+    q = np.moveaxis(qc.reshape(w.shape), 0, axis)
+    return q, scale, (low if per_channel else np.arange(n_out))
 
 
 def quantize_bias(b, s_in, s_w, headroom=0):

@@ -266,6 +266,35 @@ def _weight_q(w, per_channel):
     return q, s
 
 
+def weight_q_for_bias(w, b, s_x, in_dtype, per_channel=True, affine=False):
+    """:func:`weight_q` of a layer with float bias ``b`` and static input scale ``s_x``: a
+    channel whose ``|b| / (s_x * s_w)`` exceeds ``room = 2**31 - 1 - max|q_x| * (sum|q_w| +
+    K)`` (``q_w`` the max-abs integers, K weights per channel; doubled for an ``affine``
+    input) gets the smallest float32 scale >= ``1.0001 * |b| / (s_x * room)``, per tensor
+    the largest of them; its weights are rounded again at that scale."""
+    qw, s = weight_q(w, per_channel)
+    if b is None:
+        return qw, s
+    w = np.asarray(w, np.float32)
+    rows = w.reshape(w.shape[0], -1).astype(np.float64)
+    k = rows.shape[1]
+    h = (2 if affine else 1) * MAX_ABS[in_dtype] * (
+        np.abs(qw.astype(np.int64).reshape(len(rows), -1)).sum(axis=1) + k)
+    need = [1.0001 * abs(float(bc)) / (float(s_x) * max(int(INT32_MAX - hc), 1))
+            for bc, hc in zip(np.asarray(b, np.float64).reshape(-1), h)]
+    if not per_channel:
+        need = [max(need)]
+    s = s.copy()
+    for c, n in enumerate(need):
+        if float(s[c]) < n:
+            v = np.float32(n)
+            while float(v) < n:
+                v = np.nextafter(v, np.float32(np.inf))
+            s[c] = v
+    flat = rows if per_channel else rows.reshape(1, -1)
+    return _q_rows(flat, s[:, None]).reshape(w.shape).astype(np.int8), s
+
+
 def bias_q(b, s_x, s_w, qw=None, in_dtype='int8'):
     """Static int32 bias ``round_half_away(b / (s_x * s_w))`` (float64), saturated so that
     the accumulator cannot leave int32: at ``+-(2**31 - 1 - h)`` with ``h = max|q_x| *
@@ -475,7 +504,11 @@ def layer(kind, w, b, x, in_dtype='auto', in_range=None, out_dtype='float32', ou
         qx, static = quantize(x, dt_in, lo, hi), False
     m_in = _mag(lo, hi)
     inv_x = inv_scale(dt_in, m_in)
-    qw, s_w = weight_q(w, per_channel)
+    if static:
+        qw, s_w = weight_q_for_bias(w, b, _f32(np.float64(m_in) / Q[dt_in]), dt_in,
+                                    per_channel)
+    else:
+        qw, s_w = weight_q(w, per_channel)
     if kind == 'dense':
         acc = dense_int(qx, qw, flatten)
         shape = (1, -1) if flatten else (-1,)
@@ -602,8 +635,8 @@ def affine_layer(kind, w, b, x, in_range, per_channel=True, geometry=None, flatt
     units = w.shape[0]
     inv, z = affine_qparams(*in_range)
     qx = affine_quantize(x, inv, z).astype(np.int64)
-    qw, s_w = weight_q(w, per_channel)
     s_x = _f32(np.float64(affine_span(*in_range)) / 255)
+    qw, s_w = weight_q_for_bias(w, b, s_x, 'uint8', per_channel, affine=True)
     if kind == 'dense':
         acc = dense_int(qx - z, qw, flatten)
         shape = (1, -1) if flatten else (-1,)

@@ -66,6 +66,8 @@ def test_set_float_params_quantizes_weights():
     assert q.bias.data().dtype == np.int32
     with pytest.raises(ValueError, match='weight of shape'):
         q.set_float_params(np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r'bias of shape \(5,\) given, expected \(4,\)'):
+        q.set_float_params(np.zeros((4, 3)), np.zeros(5))
 
 
 def test_save_load_roundtrip_keeps_int8(tmp_path):

@@ -109,6 +109,34 @@ def test_weight_quantization_matches_the_reference(seed, rows, cols, per_channel
 
 
 @settings(max_examples=150)
+@given(seed=_seeds(), rows=st.integers(1, 6), cols=st.integers(1, 30), per_channel=st.booleans(),
+       dtype=DTYPES, affine=st.booleans(), s_x=_f32s(1e-14, 1e-2))
+def test_weight_scale_rises_where_the_int32_bias_would_saturate(seed, rows, cols, per_channel,
+                                                                 dtype, affine, s_x):
+    rng = np.random.RandomState(seed)
+    w = (rng.randn(rows, cols) * 2.0 ** rng.uniform(-40, 2, (rows, 1))).astype(np.float32)
+    w[rng.rand(rows) < 0.2] = 0                             # all-zero channels too
+    b = (rng.randn(rows) * 10.0 ** rng.uniform(-3, 3, rows)).astype(np.float32)
+    z = 7 if affine and dtype == 'uint8' else 0
+    s_x = np.float32(s_x)
+    q, s, raised = quant.quantize_weight_for_bias(w, b, s_x, dtype, z, per_channel)
+    rq, rs = ref.weight_q_for_bias(w, b, s_x, dtype, per_channel, affine=bool(z))
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(s, rs)
+    # only the raised channels changed, and only upwards
+    q0, s0 = quant.quantize_weight(w, per_channel=per_channel)
+    assert np.all(s >= s0)
+    if per_channel:
+        np.testing.assert_array_equal(raised, np.flatnonzero(s != s0))
+        keep = np.setdiff1d(np.arange(rows), raised)
+        np.testing.assert_array_equal(q[keep], q0[keep])
+    # the int32 bias no longer saturates: it holds b within half a step
+    bq = quant.quantize_bias(b, s_x, s, quant.bias_headroom(q, dtype, z)).astype(np.float64)
+    step = np.float64(s_x) * np.broadcast_to(s, b.shape).astype(np.float64)
+    assert np.all(np.abs(bq * step - b) <= 0.5 * step * (1 + 1e-9))
+
+
+@settings(max_examples=150)
 @given(b=_floats(st.integers(1, 8), -1e12, 1e12), s_x=MAGNITUDES,
        s_w=_f32s(1e-8, 1.0), fan_in=st.integers(1, 5000), dtype=DTYPES)
 def test_int32_bias_saturates_with_room_for_the_accumulator(b, s_x, s_w, fan_in, dtype):

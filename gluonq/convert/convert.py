@@ -240,7 +240,9 @@ def quantize_net(net, calib_data, calib_mode='naive', num_calib_batches=None,
         'warnings': warnings}
     spec['versions'] = {'gluonq': __version__, 'mxnet': mx.__version__}
     qnet = QuantizedNet(spec)
-    _set_values(qnet, values)
+    for w in _set_values(qnet, values):
+        log.warning('calibration: %s', w)
+        qnet._spec['calibration']['warnings'].append(w)
     if weight_rounding == 'adaround':
         adaround(qnet, values, batches, adaround_iters)
     if bias_correction:
@@ -290,9 +292,10 @@ def _fit_bias_ranges(graph, units, producer, qparams, per_channel):
     ``EPS_RANGE``, so small an ``s_in`` that the bias saturates and the layer loses it. Such
     a range is scaled up to the smallest one whose ``s_in`` fits the bias of every layer
     reading it: nothing is lost, since the tensor held only zeros. A tensor with a real range
-    keeps it even where one channel's bias saturates: rapidocr's rec model has channels
-    whose bias would need ranges up to 1e24 times wider, which would wipe out every other
-    channel. Returns a warning per widened tensor.
+    keeps it (rapidocr's rec model has channels whose bias would need ranges up to 1e24 times
+    wider, which would wipe out every other channel); such channels get a larger weight scale
+    instead (:func:`gluonq.quant.quantize_weight_for_bias`). Returns a warning per widened
+    tensor.
     """
     need = {}                                   # edge -> smallest s_in its readers allow
     for u in units:
@@ -533,12 +536,20 @@ def _float_config(graph, u, ins):
 
 
 def _set_values(qnet, values):
-    """Initialize the converted network and write its parameters from float values."""
+    """Initialize the converted network and write its parameters from float values; a
+    warning per layer whose bias made weight scales rise (``set_float_params``)."""
     qnet.initialize(mx.init.Zero())
+    warnings = []
     for name, vals in values.items():
         block = qnet._children[name]
         if hasattr(block, 'set_float_params'):
-            block.set_float_params(vals['weight'], vals['bias'])
+            raised = block.set_float_params(vals['weight'], vals['bias'])
+            if len(raised):
+                warnings.append('%s: weight scale raised in %d of %d channel(s) (%s) so that '
+                                'the int32 bias fits at the calibrated input scale'
+                                % (name, len(raised), block._units,
+                                   ', '.join(str(c) for c in raised[:8]) +
+                                   (', ...' if len(raised) > 8 else '')))
         else:
             missing = sorted(set(block._reg_params) - set(vals))
             if missing:
@@ -546,3 +557,4 @@ def _set_values(qnet, values):
                                  % (name, block, missing))
             for local, v in vals.items():
                 block._reg_params[local].set_data(mx.nd.array(v, dtype=np.float32))
+    return warnings

@@ -310,28 +310,41 @@ class QuantizedLayer(QuantizedBlock):
 
         Weights become int8 with a max-abs scale (per channel or per tensor); a static layer
         stores the bias as int32 at ``s_in * s_w``, less ``z * sum(q_w)`` for an affine
-        input with zero point ``z``. Arrays may be numpy or NDArray.
+        input with zero point ``z``, and raises the weight scale of a channel whose bias
+        would not fit int32 (:func:`gluonq.quant.quantize_weight_for_bias`). Arrays may be
+        numpy or NDArray. Returns the indices of the channels whose scale was raised.
         """
         w = to_numpy(weight, np.float32)
-        q, scale = quant.quantize_weight(w, per_channel=self._per_channel)
-        if self.weight.shape is not None and any(s not in (0, t) for s, t in
-                                                  zip(self.weight.shape, q.shape)):
+        if self.weight.shape is not None and (len(w.shape) != len(self.weight.shape) or any(
+                s not in (0, t) for s, t in zip(self.weight.shape, w.shape))):
             raise ValueError('%s %r: weight of shape %s given, expected %s'
-                             % (type(self).__name__, self.name, q.shape, self.weight.shape))
-        self.weight.shape = q.shape
-        self._set(self.weight, q)
-        self._set(self.weight_scale, scale)
+                             % (type(self).__name__, self.name, w.shape, self.weight.shape))
+        b = None
         if self._use_bias:
             b = np.zeros(self._units, np.float32) if bias is None else \
                 to_numpy(bias, np.float32)
+            if b.shape != (w.shape[0],):
+                raise ValueError('%s %r: bias of shape %s given, expected (%d,)'
+                                 % (type(self).__name__, self.name, b.shape, w.shape[0]))
+        raised = np.zeros(0, np.int64)
+        if b is not None and self.is_static:
+            z = self._in_q.zero_point
+            q, scale, raised = quant.quantize_weight_for_bias(
+                w, b, self._in_q.scale, self._in_dtype, z, per_channel=self._per_channel)
+        else:
+            q, scale = quant.quantize_weight(w, per_channel=self._per_channel)
+        self.weight.shape = q.shape
+        self._set(self.weight, q)
+        self._set(self.weight_scale, scale)
+        if b is not None:
             if self.is_static:
-                z = self._in_q.zero_point
                 b = quant.quantize_bias(b, self._in_q.scale, scale,
                                         quant.bias_headroom(q, self._in_dtype, z))
                 if z:
                     b = quant.fold_zero_point(b, q, z)
             self._set(self.bias, b)
         self._finish_shapes()
+        return raised
 
     def _finish_shapes(self):
         """Hook for layers whose deferred shapes follow from the weight."""
