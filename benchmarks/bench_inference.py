@@ -54,6 +54,7 @@ onnxruntime saturate int16 pairs, and int8 gains less over fp32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -449,9 +450,12 @@ def main(argv=None):
         print('RESULT ' + json.dumps(r))
         return 0
 
-    variants = list(args.variants)
-    workdir = args.workdir or tempfile.mkdtemp(prefix='gluonq-bench-')
-    os.makedirs(workdir, exist_ok=True)
+    with workdir_for(args.workdir) as workdir:
+        return run_all(args, list(args.variants), workdir)
+
+
+def run_all(args, variants, workdir):
+    """Every conversion, speed and memory job in subprocesses, then the report."""
     print('workdir %s; %d cores, %d thread(s) per run; load average at start %.2f'
           % (workdir, os.cpu_count(), args.threads, os.getloadavg()[0]), flush=True)
     print('int8 kernels exact on this CPU (VNNI): %s' % cpu_info(), flush=True)
@@ -467,49 +471,69 @@ def main(argv=None):
         return _sub(['--_job', kind, model] + common + list(extra), threads)
 
     conv, speed, memory, loads = {}, {}, {}, []
-    try:
-        for model in args.models:
-            for which in converts:
-                conv[(model, which)] = r = job(which, model, os.cpu_count() or 1)
-                if which == 'openvino':
-                    print('exported %-16s openvino: gluonq export_openvino %.1f s, %s' % (
-                        model, r['export_openvino_s'], 'nncf.quantize %.1f s'
-                        % r['nncf_quantize_s'] if 'nncf_quantize_s' in r else
-                        'NNCF IS NOT INSTALLED (pip install "gluonq[nncf]"): no ov-nncf; '
-                        "OpenVINO's int8 anchor is ov-ort-qdq"), flush=True)
-                    if 'nncf_quantize_s' not in r and 'ov-nncf' in variants:
-                        variants.remove('ov-nncf')
-                        ovv.remove('ov-nncf')
-                    continue
-                if which == 'onnx':
-                    print('exported %-16s onnx: quantize_static %.1f s, gluonq export_onnx '
-                          '%.1f s' % (model, r['ort_quantize_s'], r['export_onnx_s']),
-                          flush=True)
-                    continue
-                print('converted %-16s %-8s in %6.1f s%s' % (
-                    model, which, r['convert_s'],
-                    '' if 'lower_s' not in r else '  (lowering %.1f s: %s; not fused: %s)'
-                    % (r['lower_s'], r['lowering'], r['not_fused'])), flush=True)
-        for model in args.models:
-            for group in (mxv, ort + ovv):
-                if not group:
-                    continue
-                speed.update({(model, v): r for v, r in job(
-                    'speed', model, args.threads,
-                    ['--runs', str(args.runs), '--warmup', str(args.warmup), '--variants'] +
-                    group).items()})
-                loads.append(os.getloadavg()[0])
-            print('%-16s %s  (load %.2f)' % (model, '  '.join(
-                '%s %s' % (v, '/'.join('%.1f' % speed[(model, v)][str(b)]
-                                       for b in args.batches)) for v in variants),
-                loads[-1]), flush=True)
-            for v in variants:
-                memory[(model, v)] = job('memory:' + v, model, args.threads)['rss_mb']
-        report(args, variants, conv, speed, memory, loads)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+    for model in args.models:
+        for which in converts:
+            conv[(model, which)] = r = job(which, model, os.cpu_count() or 1)
+            if which == 'openvino':
+                print('exported %-16s openvino: gluonq export_openvino %.1f s, %s' % (
+                    model, r['export_openvino_s'], 'nncf.quantize %.1f s'
+                    % r['nncf_quantize_s'] if 'nncf_quantize_s' in r else
+                    'NNCF IS NOT INSTALLED (pip install "gluonq[nncf]"): no ov-nncf; '
+                    "OpenVINO's int8 anchor is ov-ort-qdq"), flush=True)
+                if 'nncf_quantize_s' not in r and 'ov-nncf' in variants:
+                    variants.remove('ov-nncf')
+                    ovv.remove('ov-nncf')
+                continue
+            if which == 'onnx':
+                print('exported %-16s onnx: quantize_static %.1f s, gluonq export_onnx '
+                      '%.1f s' % (model, r['ort_quantize_s'], r['export_onnx_s']),
+                      flush=True)
+                continue
+            print('converted %-16s %-8s in %6.1f s%s' % (
+                model, which, r['convert_s'],
+                '' if 'lower_s' not in r else '  (lowering %.1f s: %s; not fused: %s)'
+                % (r['lower_s'], r['lowering'], r['not_fused'])), flush=True)
+    for model in args.models:
+        for group in (mxv, ort + ovv):
+            if not group:
+                continue
+            speed.update({(model, v): r for v, r in job(
+                'speed', model, args.threads,
+                ['--runs', str(args.runs), '--warmup', str(args.warmup), '--variants'] +
+                group).items()})
+            loads.append(os.getloadavg()[0])
+        print('%-16s %s  (load %.2f)' % (model, '  '.join(
+            '%s %s' % (v, '/'.join('%.1f' % speed[(model, v)][str(b)]
+                                   for b in args.batches)) for v in variants),
+            loads[-1]), flush=True)
+        for v in variants:
+            memory[(model, v)] = job('memory:' + v, model, args.threads)['rss_mb']
+    report(args, variants, conv, speed, memory, loads)
     return 0
+
+
+@contextlib.contextmanager
+def workdir_for(path, prefix='gluonq-bench-'):
+    """The folder ``path`` (created if needed, kept afterwards), or a temporary one removed
+    afterwards when ``path`` is None: every benchmark's ``--workdir``."""
+    folder = path or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        if not path:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def add_profile_args(ap):
+    """The options of the per-layer profilers (ort_node_times.py, ov_layer_times.py)."""
+    ap.add_argument('--models', nargs='+', default=['resnet50_v1', 'mobilenetv2_1.0'],
+                    help='gluoncv models (space- or comma-separated)')
+    ap.add_argument('--batch', type=int, default=1)
+    ap.add_argument('--calls', type=int, default=30, help='profiled calls per model')
+    ap.add_argument('--calib', type=int, default=16, help='calibration images')
+    ap.add_argument('--threads', type=int, default=os.cpu_count() or 1)
+    ap.add_argument('--workdir', help="bench_inference.py's --workdir (default: temporary)")
 
 
 def _split(values):

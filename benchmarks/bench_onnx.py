@@ -406,19 +406,19 @@ def main(argv=None):
     a.add_argument('--workdir', default=None)
     a.add_argument('--cache-dir', default=os.path.join(tempfile.gettempdir(), 'gluonq_mnist'))
     args = p.parse_args(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix='gluonq_bench_onnx_')
-    os.makedirs(workdir, exist_ok=True)
+    from bench_inference import workdir_for
     print('# load average at start: %.2f %.2f %.2f on %d cpus' % (os.getloadavg() +
                                                                    (os.cpu_count(),)))
-    if args.cmd == 'speed':
-        rows = speed(args.models.split(','), [int(b) for b in args.batches.split(',')],
-                     args.rounds, workdir, args.threads, reuse=args.reuse)
-        print_speed_table(rows)
-    else:
-        os.makedirs(args.cache_dir, exist_ok=True)
-        rows = accuracy(args.models.split(','), args.epochs, args.n_calib, args.n_test,
-                        workdir, args.cache_dir)
-        print_accuracy_table(rows)
+    with workdir_for(args.workdir, prefix='gluonq_bench_onnx_') as workdir:
+        if args.cmd == 'speed':
+            rows = speed(args.models.split(','), [int(b) for b in args.batches.split(',')],
+                         args.rounds, workdir, args.threads, reuse=args.reuse)
+            print_speed_table(rows)
+        else:
+            os.makedirs(args.cache_dir, exist_ok=True)
+            rows = accuracy(args.models.split(','), args.epochs, args.n_calib, args.n_test,
+                            workdir, args.cache_dir)
+            print_accuracy_table(rows)
     print('# load average at end: %.2f %.2f %.2f' % os.getloadavg())
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -114,9 +113,7 @@ def main(argv=None):
     ap.add_argument('--full', action='store_true',
                     help='print every layer type and op type, not only the summary')
     args = ap.parse_args(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix='gluonq-ovs-')
-    os.makedirs(workdir, exist_ok=True)
-    try:
+    with B.workdir_for(args.workdir, prefix='gluonq-ovs-') as workdir:
         for model in args.models.split(','):
             for variant, path in build(model, workdir, args.calib).items():
                 ort, ov = ort_ops(path), ov_layers(path)
@@ -125,9 +122,6 @@ def main(argv=None):
                 if args.full:
                     print('    onnxruntime: %s' % json.dumps(ort, sort_keys=True))
                     print('    openvino:    %s' % json.dumps(ov, sort_keys=True), flush=True)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

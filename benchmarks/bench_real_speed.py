@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -217,11 +215,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     THREADS = args.threads
     det_hw = tuple(int(v) for v in args.det_size.split('x'))
-    workdir = args.workdir or tempfile.mkdtemp(prefix='gluonq-real-speed-')
-    os.makedirs(workdir, exist_ok=True)
-    print('CPU: %s; %d threads; load average %.2f; onnxruntime spinning off'
-          % (B.cpu_info(), THREADS, os.getloadavg()[0]), flush=True)
-    try:
+    with B.workdir_for(args.workdir, prefix='gluonq-real-speed-') as workdir:
+        print('CPU: %s; %d threads; load average %.2f; onnxruntime spinning off'
+              % (B.cpu_info(), THREADS, os.getloadavg()[0]), flush=True)
         for kind in args.models.split(','):
             n = args.n_calib if kind != 'det' else min(args.n_calib, 16)
             calib = images(kind, n, 1, det_hw)
@@ -234,9 +230,6 @@ def main(argv=None):
             print('OpenVINO (de)convolutions outside int8: %s' % json.dumps(
                 {v: ov_outside_int8(p, x) for v, p in ov_files.items() if callable(fns.get(v))}))
             print('load average %.2f' % os.getloadavg()[0], flush=True)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -128,26 +127,16 @@ def report(model, batch, res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--models', nargs='+', default=['resnet50_v1', 'mobilenetv2_1.0'])
-    ap.add_argument('--batch', type=int, default=1)
-    ap.add_argument('--calls', type=int, default=30, help='profiled calls per model')
-    ap.add_argument('--calib', type=int, default=16, help='calibration images')
-    ap.add_argument('--threads', type=int, default=os.cpu_count() or 1)
-    ap.add_argument('--workdir', help="bench_inference.py's --workdir (default: temporary)")
+    B.add_profile_args(ap)
     args = ap.parse_args(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix='gluonq-bench-')
-    os.makedirs(workdir, exist_ok=True)
-    print('%d cores, %d threads; load average %.2f; onnxruntime spinning off'
-          % (os.cpu_count(), args.threads, os.getloadavg()[0]))
-    try:
+    with B.workdir_for(args.workdir, prefix='gluonq-bench-') as workdir:
+        print('%d cores, %d threads; load average %.2f; onnxruntime spinning off'
+              % (os.cpu_count(), args.threads, os.getloadavg()[0]))
         for model in B._split(args.models):
             path = ensure_models(model, workdir, args.calib)
             res = node_times({v: path(v) for v in (ANCHOR, OURS)}, args.batch, args.calls,
                              args.threads)
             report(model, args.batch, res)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections import defaultdict
 
@@ -96,24 +94,13 @@ def report(model, batch, res):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--models', default='resnet50_v1,mobilenetv2_1.0',
-                    help='comma-separated gluoncv model names')
-    ap.add_argument('--batch', type=int, default=1)
-    ap.add_argument('--calls', type=int, default=30, help='profiled calls per model')
-    ap.add_argument('--calib', type=int, default=16, help='calibration images')
-    ap.add_argument('--threads', type=int, default=os.cpu_count() or 1)
-    ap.add_argument('--workdir', help="bench_inference.py's --workdir (default: temporary)")
+    B.add_profile_args(ap)
     args = ap.parse_args(argv)
-    workdir = args.workdir or tempfile.mkdtemp(prefix='gluonq-ovt-')
-    os.makedirs(workdir, exist_ok=True)
-    try:
-        for model in args.models.split(','):
+    with B.workdir_for(args.workdir, prefix='gluonq-ovt-') as workdir:
+        for model in B._split(args.models):
             paths = ensure_models(model, workdir, args.calib)
             report(model, args.batch, layer_times(paths, args.batch, args.calls,
                                                   args.threads))
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
