@@ -327,8 +327,8 @@ class QuantizedLayer(QuantizedBlock):
                 raise ValueError('%s %r: bias of shape %s given, expected (%d,)'
                                  % (type(self).__name__, self.name, b.shape, w.shape[0]))
         raised = np.zeros(0, np.int64)
+        z = self._in_q.zero_point if self.is_static else 0
         if b is not None and self.is_static:
-            z = self._in_q.zero_point
             q, scale, raised = quant.quantize_weight_for_bias(
                 w, b, self._in_q.scale, self._in_dtype, z, per_channel=self._per_channel)
         else:
